@@ -1,0 +1,15 @@
+"""rigl_ds: RigL sparse training as a plugin for plain PyTorch, DDP, DeepSpeed and FSDP2."""
+from .core import (
+    SET,
+    RigL,
+    Sparsifier,
+    SparsityConfig,
+    Static,
+    build_sparsifier,
+    forward_flops,
+    training_flops_ratio,
+)
+
+__version__ = "0.1.0"
+__all__ = ["RigL", "SET", "Static", "Sparsifier", "SparsityConfig", "build_sparsifier",
+           "forward_flops", "training_flops_ratio", "__version__"]

@@ -1,0 +1,49 @@
+"""The interface between the sparsifier (which decides) and a training engine (which moves tensors).
+
+An engine adapter gives the sparsifier full, rank-averaged views of masked weights and their
+gradients, and applies what the sparsifier decided to every copy it keeps (module weights, fp32
+masters, optimizer state, shards). It never decides anything about masks.
+"""
+from __future__ import annotations
+
+from typing import Callable, Mapping, Protocol, Sequence, runtime_checkable
+
+from torch import Tensor
+
+from .layers import MaskedLayer
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What :class:`rigl_ds.core.sparsifier.Sparsifier` needs from a training engine."""
+
+    def bind(self, layers: Sequence[MaskedLayer], masks: Mapping[str, Tensor]) -> None:
+        """Remember the masks; the sparsifier changes them in place from now on."""
+
+    def weight(self, name: str) -> Tensor:
+        """The full weight of a masked layer (read only; its device is where masks live)."""
+
+    def dense_grad(self, name: str) -> Tensor | None:
+        """The full dense gradient of a masked weight, averaged over ranks and micro-batches,
+        before masking; only valid between backward and the optimizer step. None if no gradient."""
+
+    def apply_mask(self, name: str, mask: Tensor) -> None:
+        """Zero the weight at ``~mask`` in every copy the engine keeps."""
+
+    def reset_optimizer_state(self, name: str, keep: Tensor) -> None:
+        """Zero every per-element optimizer state of this weight where ``keep`` is False."""
+
+    def mask_grads(self) -> None:
+        """Hot path: zero the gradients of all bound weights under their masks, in place."""
+
+    def mask_weights(self) -> None:
+        """Zero all bound weights under their masks, in place."""
+
+    def sync_masks(self, masks: Mapping[str, Tensor]) -> None:
+        """Make ``masks`` identical on every rank (broadcast from rank 0 or verify)."""
+
+    def optimizer_keeps_zeros(self) -> bool:
+        """True when the optimizer provably leaves a weight at 0 whose gradient and state are 0."""
+
+    def add_post_step_hook(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` after every optimizer step."""

@@ -1,0 +1,114 @@
+"""FLOPs accounting as the RigL paper counts it (SPEC §7).
+
+Only the products of ``nn.Conv*d`` and ``nn.Linear`` layers are counted (a multiply-add is 2
+FLOPs); BatchNorm, pooling, activations, biases and additions are left out of both the dense and
+the sparse count. A masked layer with density d costs d times its dense products; an unmasked
+conv/linear layer is counted dense in both.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class ForwardFlops:
+    """Forward FLOPs of one example, dense and at the given densities, and per layer."""
+
+    dense: float
+    sparse: float
+    per_layer: dict[str, tuple[float, float]]  # weight name -> (dense, sparse)
+
+    @property
+    def inference_ratio(self) -> float:
+        return self.sparse / self.dense if self.dense else 1.0
+
+
+def _macs_per_example(module: nn.Module, out: Tensor) -> float:
+    """Multiply-adds of one example: for conv, out positions x (in/groups) x kernel; for linear,
+    out features x in features x any extra leading dims."""
+    batch = out.shape[0]
+    if isinstance(module, nn.modules.conv._ConvNd):
+        per_out = module.weight.shape[1] * math.prod(module.weight.shape[2:])
+        return out.numel() / batch * per_out
+    if isinstance(module, nn.Linear):
+        return out.numel() / batch * module.in_features
+    raise TypeError(type(module))
+
+
+def forward_flops(
+    model: nn.Module,
+    sample_input: Tensor,
+    densities: Mapping[str, float] | None = None,
+) -> ForwardFlops:
+    """Measure forward FLOPs per example with hooks during one forward pass on ``sample_input``.
+
+    ``densities`` maps weight names (``layer1.0.conv1.weight``) to their density; layers not in
+    it count dense. Works on the meta device (no real computation).
+    """
+    densities = dict(densities or {})
+    records: dict[str, tuple[float, float]] = {}
+    handles = []
+    names = {id(m): n for n, m in model.named_modules()}
+
+    def hook(module: nn.Module, _inputs, out: Tensor) -> None:
+        name = f"{names[id(module)]}.weight" if names[id(module)] else "weight"
+        dense = 2.0 * _macs_per_example(module, out)
+        sparse = dense * densities.get(name, 1.0)
+        prev = records.get(name, (0.0, 0.0))
+        records[name] = (prev[0] + dense, prev[1] + sparse)  # a module called twice counts twice
+
+    for module in model.modules():
+        if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+            handles.append(module.register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(sample_input)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    unknown = set(densities) - set(records)
+    if unknown:
+        raise ValueError(f"densities name layers that the forward pass never used: {sorted(unknown)}")
+    return ForwardFlops(
+        dense=sum(d for d, _ in records.values()),
+        sparse=sum(s for _, s in records.values()),
+        per_layer=records,
+    )
+
+
+def training_flops_ratio(
+    f_sparse: float,
+    f_dense: float,
+    *,
+    total_steps: int,
+    delta: int,
+    t_end: int,
+    method: str,
+) -> float:
+    """Training FLOPs of a run relative to dense training (3·f_D per step), per SPEC §7.
+
+    RigL: (3·f_S·ΔT + 2·f_S + f_D)/(ΔT + 1) per step while t < T_end, 3·f_S after.
+    SET and static never need the dense gradient: 3·f_S every step. Dense: 1.
+    """
+    if method == "dense":
+        return 1.0
+    if total_steps <= 0 or f_dense <= 0:
+        raise ValueError("total_steps and f_dense must be positive")
+    per_step_sparse = 3.0 * f_sparse
+    if method == "rigl":
+        end = min(max(t_end, 0), total_steps)
+        during = (3.0 * f_sparse * delta + 2.0 * f_sparse + f_dense) / (delta + 1)
+        total = during * end + per_step_sparse * (total_steps - end)
+    elif method in ("set", "static"):
+        total = per_step_sparse * total_steps
+    else:
+        raise ValueError(f"unknown method {method!r}; allowed: rigl, set, static, dense")
+    return total / (3.0 * f_dense * total_steps)

@@ -1,0 +1,359 @@
+"""The sparsifier: masks, schedule and the drop/grow update (SPEC §3–§5).
+
+``Static`` -> ``SET`` -> ``RigL`` is a shallow chain: they share one update path and differ only
+in whether updates happen and in the grow score (none, random, |dense gradient|).
+
+Use with a plain PyTorch loop::
+
+    rigl = RigL(model, optimizer, total_steps=len(loader) * epochs, sparsity=0.9)
+    for x, y in loader:
+        optimizer.zero_grad()
+        loss_fn(model(x), y).backward()
+        if rigl.step():          # False on a mask-update step: skip the optimizer step there
+            optimizer.step()
+
+``step()`` is called once per optimizer step, after backward (after gradient accumulation, and
+after ``scaler.unscale_(optimizer)`` when a ``GradScaler`` is used).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from .distributions import DISTRIBUTIONS, achieved_density, get_distribution, nnz_for
+from .engine import Engine
+from .layers import MaskedLayer, select_layers
+from .schedule import ANNEALS, UpdateSchedule
+from .selection import drop_and_grow, random_mask
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("rigl", "set", "static")
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SparsityConfig:
+    """Every knob of the sparsifier, with the SPEC §5 defaults."""
+
+    method: str = "rigl"
+    sparsity: float = 0.9
+    distribution: str = "erk"
+    delta: int = 100
+    alpha: float = 0.3
+    t_end: float | int = 0.75             # fraction of total steps (float) or absolute step (int)
+    anneal: str = "cosine"
+    grad_accumulation_n: int = 1
+    erk_power_scale: float = 1.0
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    overrides: Mapping[str, float | str] = field(default_factory=dict)
+    seed: int = 0
+    skip_step_on_update: bool = True      # official behaviour: no optimizer step on an update step
+    rezero_weights: bool | None = None    # None: only for optimizers not proven to keep zeros
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.distribution not in DISTRIBUTIONS:
+            raise ValueError(
+                f"distribution must be one of {', '.join(DISTRIBUTIONS)}, got {self.distribution!r}")
+        if self.anneal not in ANNEALS:
+            raise ValueError(f"anneal must be one of {', '.join(ANNEALS)}, got {self.anneal!r}")
+        s = self.sparsity
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or math.isnan(s) or not 0.0 <= s < 1.0:
+            raise ValueError(f"sparsity must be a number in [0, 1), got {s!r}")
+        object.__setattr__(self, "include", tuple(self.include))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        object.__setattr__(self, "overrides", dict(self.overrides))
+
+
+class Sparsifier:
+    """Keeps masked weights at zero and, for dynamic methods, updates the masks every ``delta`` steps.
+
+    Parameters: ``model`` (the module whose layers are masked), ``optimizer`` (its state is reset
+    where masks change), ``total_steps`` (optimizer steps in the run; ``t_end`` is a fraction of
+    it), ``config`` and/or keyword overrides of :class:`SparsityConfig`, ``engine`` (an
+    :class:`~rigl_ds.core.engine.Engine`; default: plain PyTorch, one process).
+    """
+
+    method = "static"
+    updates = False          # does this method change masks during training?
+    needs_dense_grad = False  # does its grow score read the dense gradient?
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        total_steps: int,
+        config: SparsityConfig | None = None,
+        engine: Engine | None = None,
+        **overrides: Any,
+    ) -> None:
+        base = config if config is not None else SparsityConfig(method=self.method)
+        self.config = dataclasses.replace(base, method=self.method, **overrides)
+        cfg = self.config
+        self.layers: list[MaskedLayer] = select_layers(model, cfg.include, cfg.exclude)
+        if not self.layers:
+            raise ValueError("the model has no layer to mask (no Conv/Linear weight, or all excluded)")
+        self.densities: dict[str, float] = get_distribution(cfg.distribution)(
+            self.layers, cfg.sparsity, overrides=cfg.overrides, power_scale=cfg.erk_power_scale)
+        self.nnz: dict[str, int] = {l.name: nnz_for(l.numel, self.densities[l.name]) for l in self.layers}
+        self.schedule = UpdateSchedule.from_total_steps(
+            total_steps, delta=cfg.delta, t_end=cfg.t_end, alpha=cfg.alpha, anneal=cfg.anneal,
+            grad_accumulation_n=cfg.grad_accumulation_n)
+        if engine is None:
+            from rigl_ds.engines.local import LocalEngine  # plain PyTorch; imports no torch.distributed
+            engine = LocalEngine(model, optimizer)
+        self.engine = engine
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self._step = 0
+        self._pending: int | None = None      # due step of an update postponed by non-finite grads
+        self._score: dict[str, Tensor] | None = None
+        self._score_count = 0
+        self.skipped_nonfinite = 0            # accumulation steps skipped for non-finite gradients
+        self.last_update: dict[str, Any] | None = None
+
+        masks: dict[str, Tensor] = {}
+        for layer in self.layers:
+            device = self.engine.weight(layer.name).device
+            flat = random_mask(layer.numel, self.nnz[layer.name], self.generator)
+            masks[layer.name] = flat.view(layer.shape).to(device)
+        self.engine.sync_masks(masks)
+        self.masks = masks
+        self.engine.bind(self.layers, self.masks)
+        for name, mask in self.masks.items():
+            self.engine.apply_mask(name, mask)
+            self.engine.reset_optimizer_state(name, mask)
+        rezero = cfg.rezero_weights
+        if rezero is None:
+            rezero = not self.engine.optimizer_keeps_zeros()
+        if rezero:
+            self.engine.add_post_step_hook(self.engine.mask_weights)
+        self.rezero_weights = rezero
+        logger.info(
+            "%s: %d masked layers, target sparsity %.4f (%s), achieved global density %.6f, "
+            "%d mask updates (delta=%d, t_end=%d)", type(self).__name__, len(self.layers),
+            cfg.sparsity, cfg.distribution, self.global_density, self.schedule.num_updates,
+            self.schedule.delta, self.schedule.t_end)
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def step_count(self) -> int:
+        """Number of completed ``step()`` calls (the index of the next step)."""
+        return self._step
+
+    @property
+    def global_density(self) -> float:
+        """Active weights / all weights over the masked layers."""
+        return achieved_density(self.layers, self.densities)
+
+    def layer_densities(self) -> dict[str, float]:
+        """Exact density of each masked layer (nnz / numel)."""
+        return {l.name: self.nnz[l.name] / l.numel for l in self.layers}
+
+    def is_update_step(self, t: int | None = None) -> bool:
+        """Will step ``t`` (default: the next one) update the masks?"""
+        t = self._step if t is None else t
+        return self.updates and (self.schedule.is_update_step(t) or self._pending is not None)
+
+    # ------------------------------------------------------------------ the step
+    def step(self) -> bool:
+        """Call after backward, before the optimizer step. Returns whether to run the optimizer step.
+
+        On an ordinary step the gradients are masked in place and True is returned. On a mask
+        update step the masks are updated from the current weights and (averaged) dense
+        gradients; with ``skip_step_on_update`` it returns False and the optimizer step must be
+        skipped. If the gradients feeding an update are not finite, the update is postponed to
+        the next step whose gradients are finite, and the step proceeds as an ordinary one.
+        """
+        t = self._step
+        sched = self.schedule
+        due_at = self._pending if self._pending is not None else (t if sched.is_update_step(t) else None)
+        due = self.updates and due_at is not None
+        grads: dict[str, Tensor] | None = None
+        if self.needs_dense_grad and (due or sched.accumulates(t)):
+            grads = self._read_finite_grads(t)
+        updated = False
+        if due:
+            if self.needs_dense_grad and grads is None and self._score_count == 0:
+                if self._pending is None:
+                    logger.warning("step %d: mask update postponed: gradients are not finite", t)
+                self._pending = due_at
+            else:
+                self._update(t, due_at, grads)
+                self._pending = None
+                updated = True
+        self._step += 1
+        if updated and self.config.skip_step_on_update:
+            return False
+        self.engine.mask_grads()
+        return True
+
+    def _read_finite_grads(self, t: int) -> dict[str, Tensor] | None:
+        """Dense grads of all masked layers, or None if any is not finite (one host sync)."""
+        grads: dict[str, Tensor] = {}
+        for layer in self.layers:
+            g = self.engine.dense_grad(layer.name)
+            grads[layer.name] = g if g is not None else torch.zeros(
+                layer.shape, device=self.masks[layer.name].device)
+        finite = torch.stack([torch.isfinite(g).all() for g in grads.values()]).all()
+        if not bool(finite):
+            self.skipped_nonfinite += 1
+            logger.warning("step %d: non-finite dense gradient, not used for the grow score", t)
+            return None
+        if self.config.grad_accumulation_n > 1:
+            if self._score is None:
+                self._score = {n: torch.zeros(g.shape, dtype=torch.float32, device=g.device)
+                               for n, g in grads.items()}
+            for n, g in grads.items():
+                self._score[n].add_(g)
+            self._score_count += 1
+        return grads
+
+    def grow_score(self, name: str, grads: Mapping[str, Tensor] | None) -> Tensor:
+        """Score of every position for growth; larger grows first. Overridden by subclasses."""
+        raise NotImplementedError
+
+    def _update(self, t: int, due_at: int, grads: Mapping[str, Tensor] | None) -> None:
+        """Drop/grow every layer with f(due_at), sync the masks, apply them to weights and state."""
+        fraction = self.schedule.drop_fraction(due_at)
+        new_masks: dict[str, Tensor] = {}
+        for layer in self.layers:
+            name, mask = layer.name, self.masks[layer.name]
+            n_active = self.nnz[name]
+            k = math.floor(fraction * n_active)
+            if k == 0 or n_active == layer.numel:   # a dense layer regrows exactly what it drops
+                continue
+            drop_score = self.engine.weight(name).detach().abs()
+            new_masks[name] = drop_and_grow(mask, drop_score, self.grow_score(name, grads), k)
+        self.engine.sync_masks(new_masks)
+        per_layer: dict[str, float] = {}
+        grown_total = 0
+        for name, new in new_masks.items():
+            old = self.masks[name]
+            grown = int((new & ~old).sum())
+            grown_total += grown
+            per_layer[name] = grown / self.nnz[name]
+            keep = old & new
+            self.engine.apply_mask(name, new)
+            self.engine.reset_optimizer_state(name, keep)
+            old.copy_(new)
+        active_total = sum(self.nnz.values())
+        self.last_update = {
+            "step": t, "due_step": due_at, "drop_fraction": fraction,
+            "churn": grown_total / active_total, "churn_per_layer": per_layer,
+        }
+        self._score = None
+        self._score_count = 0
+        logger.info("step %d: mask update, drop fraction %.4f, churn %.4f of active weights",
+                    t, fraction, self.last_update["churn"])
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Masks, step, RNG state, pending update and accumulated scores (all on CPU)."""
+        return {
+            "version": STATE_VERSION,
+            "method": self.method,
+            "step": self._step,
+            "pending": self._pending,
+            "masks": {n: m.detach().cpu().clone() for n, m in self.masks.items()},
+            "generator": self.generator.get_state(),
+            "score": None if self._score is None else {n: s.cpu().clone() for n, s in self._score.items()},
+            "score_count": self._score_count,
+            "skipped_nonfinite": self.skipped_nonfinite,
+            "last_update": self.last_update,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; weights are re-zeroed under the loaded masks.
+
+        Load the model and optimizer state first. Masks must match this model's masked layers,
+        shapes, dtype and active counts, otherwise a ``ValueError`` names the first mismatch.
+        """
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"sparsifier state version {state.get('version')!r} is not {STATE_VERSION}")
+        if state.get("method") != self.method:
+            raise ValueError(f"sparsifier state is for method {state.get('method')!r}, this is {self.method!r}")
+        masks = state["masks"]
+        expected = {l.name for l in self.layers}
+        if set(masks) != expected:
+            missing, extra = sorted(expected - set(masks)), sorted(set(masks) - expected)
+            raise ValueError(f"sparsifier state masks do not match the model: missing {missing}, unexpected {extra}")
+        for layer in self.layers:
+            m = masks[layer.name]
+            if m.dtype != torch.bool or tuple(m.shape) != layer.shape:
+                raise ValueError(
+                    f"mask {layer.name!r}: expected bool {layer.shape}, got {m.dtype} {tuple(m.shape)}")
+            if int(m.sum()) != self.nnz[layer.name]:
+                raise ValueError(
+                    f"mask {layer.name!r} has {int(m.sum())} active weights, this sparsifier expects "
+                    f"{self.nnz[layer.name]} (another sparsity or distribution?)")
+        for layer in self.layers:
+            self.masks[layer.name].copy_(masks[layer.name])
+            self.engine.apply_mask(layer.name, self.masks[layer.name])
+            self.engine.reset_optimizer_state(layer.name, self.masks[layer.name])
+        self._step = int(state["step"])
+        self._pending = state["pending"]
+        self.generator.set_state(state["generator"])
+        score = state.get("score")
+        if score is None:
+            self._score = None
+        else:
+            self._score = {n: s.to(self.masks[n].device) for n, s in score.items()}
+        self._score_count = int(state.get("score_count", 0))
+        self.skipped_nonfinite = int(state.get("skipped_nonfinite", 0))
+        self.last_update = state.get("last_update")
+
+
+class Static(Sparsifier):
+    """Fixed random sparse mask: never updated."""
+
+    method = "static"
+    updates = False
+
+
+class SET(Static):
+    """Sparse Evolutionary Training: drop by magnitude, grow at random positions."""
+
+    method = "set"
+    updates = True
+
+    def grow_score(self, name: str, grads: Mapping[str, Tensor] | None) -> Tensor:
+        mask = self.masks[name]
+        return torch.rand(mask.shape, generator=self.generator).to(mask.device)
+
+
+class RigL(SET):
+    """RigL: drop by magnitude, grow by |dense gradient| (averaged over ``grad_accumulation_n`` steps)."""
+
+    method = "rigl"
+    needs_dense_grad = True
+
+    def grow_score(self, name: str, grads: Mapping[str, Tensor] | None) -> Tensor:
+        if self._score_count > 0 and self._score is not None:
+            return self._score[name].div(self._score_count).abs_()
+        assert grads is not None
+        return grads[name].abs()
+
+
+_BY_METHOD: dict[str, type[Sparsifier]] = {"static": Static, "set": SET, "rigl": RigL}
+
+
+def build_sparsifier(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    config: SparsityConfig,
+    *,
+    total_steps: int,
+    engine: Engine | None = None,
+) -> Sparsifier:
+    """The sparsifier class named by ``config.method``."""
+    return _BY_METHOD[config.method](model, optimizer, total_steps=total_steps, config=config, engine=engine)

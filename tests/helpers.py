@@ -1,0 +1,48 @@
+"""Small models and deterministic data shared by the tests."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class TinyCNN(nn.Module):
+    """Conv -> BN -> conv -> linear -> linear, with biases, on 1x8x8 inputs."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1, bias=False)
+        self.fc1 = nn.Linear(16 * 4 * 4, 32)
+        self.fc2 = nn.Linear(32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+
+def batch(step: int, size: int = 16, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch of a given step: the same on every call."""
+    g = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(size, 1, 8, 8, generator=g, dtype=dtype)
+    y = torch.randint(0, 10, (size,), generator=g)
+    return x, y
+
+
+def make(seed: int = 0, dtype: torch.dtype = torch.float32) -> TinyCNN:
+    torch.manual_seed(seed)
+    return TinyCNN().to(dtype)
+
+
+def train_steps(model, optimizer, sparsifier, steps, start: int = 0, check=None, dtype=torch.float32):
+    """Run ``steps`` plain-PyTorch steps; ``check(step)`` runs after each."""
+    for t in range(start, start + steps):
+        x, y = batch(t, dtype=dtype)
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        if sparsifier.step():
+            optimizer.step()
+        if check is not None:
+            check(t)
