@@ -46,3 +46,19 @@ def train_steps(model, optimizer, sparsifier, steps, start: int = 0, check=None,
             optimizer.step()
         if check is not None:
             check(t)
+
+
+class PlanNet(nn.Module):
+    """A hand-countable net for ``plan``: conv 1->4 (3x3, pad 1) on 8x8, then linear 256->10."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1, bias=False)
+        self.fc = nn.Linear(4 * 8 * 8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
+def plan_net(num_classes: int = 10) -> PlanNet:
+    return PlanNet(num_classes)

@@ -1,0 +1,172 @@
+"""The ``rigl-ds`` console entry point: train, plan, eval, validate."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import pathlib
+import sys
+import traceback
+from typing import Sequence
+
+from rigl_ds.logs import process_rank, setup_logging
+
+logger = logging.getLogger("rigl_ds.cli")
+
+EXAMPLES = """examples:
+  rigl-ds train configs/quickstart.yaml
+  rigl-ds train configs/quickstart.yaml sparsity.sparsity=0.8 sparsity.method=set
+  rigl-ds train configs/quickstart.yaml resume=auto
+  rigl-ds plan configs/quickstart.yaml --json
+  rigl-ds eval configs/quickstart.yaml --checkpoint runs/quickstart-*/checkpoints/step_00000660.pt
+  rigl-ds validate configs/*.yaml
+"""
+
+
+def _user_errors():
+    from rigl_ds.checkpoint import CheckpointError
+    from rigl_ds.config import ConfigError
+    from rigl_ds.data import DataError
+    from rigl_ds.train import RunError
+
+    return (ConfigError, DataError, RunError, CheckpointError)
+
+
+def _load(args) -> "ExperimentConfig":  # noqa: F821
+    from rigl_ds.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def cmd_train(args) -> int:
+    from rigl_ds.train import Trainer
+
+    cfg = _load(args)
+    try:
+        trainer = Trainer(cfg)
+        result = trainer.run()
+    except _user_errors() as e:
+        if cfg.logging.run_dir:          # an explicit run directory gets the error log, nothing else
+            run_dir = pathlib.Path(cfg.logging.run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "error.log").write_text(f"{type(e).__name__}: {e}\n")
+        raise
+    if process_rank() == 0:
+        ev = result["eval"]
+        tb = pathlib.Path(result["run_dir"]) / "tb"
+        print(f"\nfinished {result['steps']} steps in {result['seconds']:.1f} s")
+        print(f"test accuracy: top-1 {ev['top1']:.4f}, top-5 {ev['top5']:.4f} on {ev['count']} examples")
+        print(f"achieved density: {result['global_density']:.6f} "
+              f"(sparsity {1 - result['global_density']:.6f}); training FLOPs {result['train_flops_ratio']:.3f}x dense")
+        print(f"run directory: {result['run_dir']} (config.yaml, result.json, checkpoints/)")
+        print(f"TensorBoard logs: {tb}\n  view them with: tensorboard --logdir {tb}")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from rigl_ds.plan import format_plan, make_plan
+
+    plan = make_plan(_load(args))
+    print(json.dumps(plan) if args.json else format_plan(plan))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from rigl_ds import checkpoint as ckpt
+    from rigl_ds.core import select_layers
+    from rigl_ds.train import build_experiment, evaluate
+
+    cfg = _load(args)
+    exp = build_experiment(cfg)
+    state = ckpt.load(pathlib.Path(args.checkpoint))
+    try:
+        exp.model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise ckpt.CheckpointError(f"checkpoint {args.checkpoint} does not fit model {cfg.model.name!r}: {e}") from None
+    res = evaluate(exp.model, exp.data.val_batches(), exp.device, __import__("contextlib").nullcontext,
+                   cfg.model.channels_last)
+    params = dict(exp.model.named_parameters())
+    masks = (state.get("sparsifier") or {}).get("masks")
+    layers = []
+    for l in select_layers(exp.model, cfg.sparsity.include, cfg.sparsity.exclude):
+        nnz = int(masks[l.name].sum()) if masks and l.name in masks else int(torch.count_nonzero(params[l.name]))
+        layers.append({"name": l.name, "numel": l.numel, "nnz": nnz, "density": nnz / l.numel})
+    total = sum(r["numel"] for r in layers)
+    out = {"checkpoint": args.checkpoint, "step": state["step"], "top1": res["top1"], "top5": res["top5"],
+           "count": res["count"], "global_density": sum(r["nnz"] for r in layers) / total, "layers": layers}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"{args.checkpoint} (step {out['step']}): top-1 {out['top1']:.4f}, top-5 {out['top5']:.4f} "
+              f"on {out['count']} examples; global density {out['global_density']:.6f}")
+        for r in layers:
+            print(f"  {r['name']:<44} {r['nnz']:>10}/{r['numel']:<10} {r['density']:.4f}")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from rigl_ds.config import ConfigError, load_config
+
+    bad = 0
+    for path in args.configs:
+        try:
+            load_config(path, args.overrides)
+            print(f"ok: {path}")
+        except ConfigError as e:
+            bad += 1
+            print(f"invalid: {path}", file=sys.stderr)
+            for p in e.problems:
+                print(f"  {p}", file=sys.stderr)
+    return 1 if bad else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rigl-ds", description="RigL sparse training.", epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train an experiment")
+    t.add_argument("config")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. sparsity.sparsity=0.8")
+    t.set_defaults(fn=cmd_train)
+
+    pl = sub.add_parser("plan", help="per-layer density, FLOPs and schedule, without training")
+    pl.add_argument("config")
+    pl.add_argument("overrides", nargs="*", metavar="key=value")
+    pl.add_argument("--json", action="store_true", help="print exactly one JSON object")
+    pl.set_defaults(fn=cmd_plan)
+
+    e = sub.add_parser("eval", help="top-1/top-5 and per-layer density of a checkpoint")
+    e.add_argument("config")
+    e.add_argument("overrides", nargs="*", metavar="key=value")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(fn=cmd_eval)
+
+    v = sub.add_parser("validate", help="check one or many config files; non-zero exit on any error")
+    v.add_argument("configs", nargs="+")
+    v.add_argument("--set", dest="overrides", action="append", default=[], metavar="key=value")
+    v.set_defaults(fn=cmd_validate)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
+    try:
+        return args.fn(args)
+    except _user_errors() as e:
+        print(f"rigl-ds {args.command}: error: {e}", file=sys.stderr)
+        if args.verbose:
+            traceback.print_exc()
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

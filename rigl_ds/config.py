@@ -1,0 +1,322 @@
+"""Experiment configuration: a typed schema, YAML loading with ``extends``, dotted overrides.
+
+Unknown keys and bad values are errors that name the file, the dotted key and the allowed
+values; every problem of a file is reported at once (one :class:`ConfigError`).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import pathlib
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from rigl_ds.core.distributions import DISTRIBUTIONS
+from rigl_ds.core.schedule import ANNEALS
+from rigl_ds.core.sparsifier import SparsityConfig as CoreSparsityConfig
+
+MODELS = ("small_cnn", "mlp", "resnet18", "resnet50")
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message lists every problem found, one per line."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
+
+
+class ModelSection(_Strict):
+    name: str = "small_cnn"
+    """One of small_cnn, mlp, resnet18, resnet50, or ``package.module:function`` (a user builder
+    called as ``function(num_classes=..., **kwargs)``)."""
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    init: Literal["default", "kaiming_fan_in"] = "default"
+    zero_init_residual: bool = False
+    channels_last: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in MODELS and ":" not in v:
+            raise ValueError(f"unknown model {v!r}; allowed: {', '.join(MODELS)}, or 'module:function'")
+        return v
+
+
+class DataSection(_Strict):
+    name: Literal["digits", "synthetic", "imagefolder"] = "digits"
+    path: Optional[str] = None            # image folder root (imagefolder, dali-*): train/ and val/
+    batch_size: int = Field(64, ge=1)     # per-rank micro-batch
+    eval_batch_size: int = Field(256, ge=1)
+    num_workers: int = Field(0, ge=0)
+    image_size: int = Field(224, ge=8)
+    num_classes: Optional[int] = Field(None, ge=2)     # synthetic only (default 1000)
+    train_size: Optional[int] = Field(None, ge=1)      # synthetic: examples per epoch (default 1,281,167)
+    val_size: Optional[int] = Field(None, ge=1)
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0)   # digits: held-out test split
+
+    @model_validator(mode="after")
+    def _path(self) -> "DataSection":
+        if self.name == "imagefolder" and not self.path:
+            env = os.environ.get("RIGL_DS_DATA")
+            if env:
+                self.path = env
+        return self
+
+
+class OptimizerSection(_Strict):
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = Field(0.1, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    nesterov: bool = False
+    weight_decay: float = Field(1e-4, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+class LRScheduleSection(_Strict):
+    name: Literal["cosine", "constant", "step"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0.0)
+    min_lr: float = Field(0.0, ge=0.0)
+    step_epochs: list[int] = Field(default_factory=list)   # "step": decay epochs
+    step_gamma: float = Field(0.1, gt=0.0)
+
+
+class SparsitySection(_Strict):
+    method: Literal["rigl", "set", "static", "dense"] = "rigl"
+    sparsity: float = Field(0.9, ge=0.0, lt=1.0)
+    distribution: Literal["uniform", "er", "erk"] = "erk"
+    delta: int = Field(100, ge=1)
+    alpha: float = Field(0.3, ge=0.0, le=1.0)
+    t_end: Union[int, float] = 0.75
+    anneal: Literal["cosine", "constant"] = "cosine"
+    grad_accumulation_n: int = Field(1, ge=1)
+    erk_power_scale: float = Field(1.0, ge=0.0)
+    include: list[str] = Field(default_factory=list)
+    exclude: list[str] = Field(default_factory=list)
+    overrides: dict[str, Union[float, Literal["dense"]]] = Field(default_factory=dict)
+    seed: Optional[int] = None                      # default: train.seed
+    skip_step_on_update: bool = True
+
+    @field_validator("t_end")
+    @classmethod
+    def _t_end(cls, v: Union[int, float]) -> Union[int, float]:
+        if isinstance(v, bool):
+            raise ValueError("must be a fraction in (0, 1] or an integer step")
+        if isinstance(v, float) and not (math.isfinite(v) and 0.0 < v <= 1.0):
+            raise ValueError("as a fraction of total steps must be in (0, 1] "
+                             "(an integer is an absolute step)")
+        if isinstance(v, int) and v < 0:
+            raise ValueError("must be >= 0")
+        return v
+
+    @model_validator(mode="after")
+    def _acc(self) -> "SparsitySection":
+        if self.grad_accumulation_n > self.delta:
+            raise ValueError(f"grad_accumulation_n={self.grad_accumulation_n} must be <= delta={self.delta}")
+        return self
+
+    def to_core(self, default_seed: int) -> CoreSparsityConfig:
+        """The core's frozen config (method must not be 'dense')."""
+        return CoreSparsityConfig(
+            method=self.method, sparsity=self.sparsity, distribution=self.distribution,
+            delta=self.delta, alpha=self.alpha, t_end=self.t_end, anneal=self.anneal,
+            grad_accumulation_n=self.grad_accumulation_n, erk_power_scale=self.erk_power_scale,
+            include=tuple(self.include), exclude=tuple(self.exclude), overrides=dict(self.overrides),
+            seed=default_seed if self.seed is None else self.seed,
+            skip_step_on_update=self.skip_step_on_update)
+
+
+class TrainSection(_Strict):
+    epochs: float = Field(10, gt=0.0)
+    max_steps: Optional[int] = Field(None, ge=1)     # stop early (smoke tests); schedule unchanged
+    grad_accumulation: int = Field(1, ge=1)          # micro-batches per optimizer step
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    mixup: float = Field(0.0, ge=0.0)                # Beta(mixup, mixup); 0 disables
+    seed: int = 0
+    deterministic: bool = False
+    eval_every_epochs: float = Field(1.0, gt=0.0)
+    clip_grad_norm: Optional[float] = Field(None, gt=0.0)
+
+
+class EngineSection(_Strict):
+    name: Literal["local"] = "local"
+
+
+class PrecisionSection(_Strict):
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+
+
+class LoggingSection(_Strict):
+    run_dir: Optional[str] = None                   # default: runs/<name>-<timestamp>
+    tensorboard: bool = True
+    log_every: int = Field(10, ge=1)
+    per_layer: bool = True
+    progress: bool = True
+
+
+class CheckpointSection(_Strict):
+    every_steps: Optional[int] = Field(None, ge=1)
+    keep_last: int = Field(2, ge=1)
+    at_end: bool = True
+
+
+class ExperimentConfig(_Strict):
+    name: str = "experiment"
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    optimizer: OptimizerSection = Field(default_factory=OptimizerSection)
+    lr_schedule: LRScheduleSection = Field(default_factory=LRScheduleSection)
+    sparsity: SparsitySection = Field(default_factory=SparsitySection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    engine: EngineSection = Field(default_factory=EngineSection)
+    precision: PrecisionSection = Field(default_factory=PrecisionSection)
+    logging: LoggingSection = Field(default_factory=LoggingSection)
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    resume: Optional[str] = None                    # a checkpoint path, or "auto"
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not v or "/" in v or v.startswith("."):
+            raise ValueError(f"must be a plain name (no '/', not starting with '.'), got {v!r}")
+        return v
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in top.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _read_yaml(path: pathlib.Path, chain: tuple[pathlib.Path, ...] = ()) -> dict:
+    """Read a YAML mapping, resolving ``extends: other.yaml`` (relative to the file) first."""
+    if path in chain:
+        raise ConfigError([f"{path}: 'extends' cycle: {' -> '.join(map(str, chain + (path,)))}"])
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: file not found"]) from None
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot read: {e.strerror}"]) from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{path}: not valid YAML: {e}"]) from None
+    if doc is None:
+        raise ConfigError([f"{path}: the file is empty; expected a mapping of sections"])
+    if not isinstance(doc, dict):
+        raise ConfigError([f"{path}: expected a mapping of sections at the top, got {type(doc).__name__}"])
+    bad_keys = [k for k in doc if not isinstance(k, str)]
+    if bad_keys:
+        raise ConfigError([f"{path}: top-level keys must be strings, got {bad_keys!r}"])
+    parent = doc.pop("extends", None)
+    if parent is None:
+        return doc
+    if not isinstance(parent, str):
+        raise ConfigError([f"{path}: extends: expected a file path, got {parent!r}"])
+    base = _read_yaml((path.parent / parent).resolve(), chain + (path,))
+    return _deep_merge(base, doc)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], YAML-parsed value)."""
+    if "=" not in item:
+        raise ConfigError([f"override {item!r}: expected key=value (e.g. sparsity.sparsity=0.8)"])
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    if not key.strip() or any(not p for p in parts):
+        raise ConfigError([f"override {item!r}: bad key {key!r}"])
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    model: type[BaseModel] = ExperimentConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None) if field else None
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        else:
+            return []
+    return list(model.model_fields)
+
+
+def _format(e: dict, source: str, overridden: dict[str, str]) -> str:
+    loc = tuple(e["loc"])
+    key = ".".join(str(p) for p in loc)
+    origin = next((item for o, item in overridden.items() if key == o or key.startswith(o + ".")), None)
+    where = f"command-line override {origin!r}" if origin else source
+    if e["type"] == "extra_forbidden":
+        allowed = _allowed_keys(loc)
+        return f"{where}: {key}: unknown key; allowed keys here: {', '.join(allowed)}"
+    msg = e["msg"].replace("Value error, ", "")
+    value = e.get("input")
+    shown = "" if isinstance(value, (dict, list)) or value is None and e["type"] == "missing" else f" (got {value!r})"
+    return f"{where}: {key}: {msg}{shown}"
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Load and validate an experiment; raises :class:`ConfigError` listing every problem."""
+    source = str(path) if path is not None else "<defaults>"
+    doc = _read_yaml(pathlib.Path(path).resolve()) if path is not None else {}
+    problems: list[str] = []
+    overridden: dict[str, str] = {}
+    for item in overrides:
+        try:
+            parts, value = parse_override(item)
+        except ConfigError as e:
+            problems.extend(e.problems)
+            continue
+        node = doc
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                node[p] = {}
+            node = node[p]
+        node[parts[-1]] = value
+        overridden[".".join(parts)] = item
+    try:
+        cfg = ExperimentConfig.model_validate(doc)
+    except ValidationError as e:
+        problems.extend(_format(err, source, overridden) for err in e.errors())
+        cfg = None
+    if problems:
+        raise ConfigError(problems)
+    assert cfg is not None
+    problems = semantic_problems(cfg, source)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def semantic_problems(cfg: ExperimentConfig, source: str) -> list[str]:
+    """Cross-field checks that need the whole config."""
+    out = []
+    if cfg.data.name == "imagefolder" and not cfg.data.path:
+        out.append(f"{source}: data.path: required for data.name={cfg.data.name!r} "
+                   "(or set the environment variable RIGL_DS_DATA)")
+    if cfg.lr_schedule.name == "step" and not cfg.lr_schedule.step_epochs:
+        out.append(f"{source}: lr_schedule.step_epochs: required for lr_schedule.name='step'")
+    return out
+
+
+def to_yaml(cfg: ExperimentConfig) -> str:
+    """The resolved config as YAML (written into the run directory)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,207 @@
+"""Input data behind one build function with one return type (:class:`Data`).
+
+Sources: ``digits`` (scikit-learn's bundled 8x8 handwritten digits: real, offline), ``synthetic``
+(ImageNet-shaped random images, deterministic per index), ``imagefolder`` (torchvision
+``ImageFolder`` over ``path/train`` and ``path/val``).
+
+Training order is a pure function of (seed, epoch): every rank draws the same permutation and
+takes its own slice, and a run can start at any batch of an epoch (exact resume).
+"""
+from __future__ import annotations
+
+import math
+import pathlib
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
+
+from rigl_ds.config import DataSection
+
+IMAGENET_TRAIN_SIZE = 1_281_167
+IMAGENET_VAL_SIZE = 50_000
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class DataError(ValueError):
+    """Bad or missing input data; the message names the path or setting."""
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What the schedule and the model need to know, without loading any data."""
+
+    num_classes: int
+    input_shape: tuple[int, int, int]
+    train_size: int
+    val_size: int
+    note: str = ""
+
+
+class EpochBatchSampler(Sampler[list[int]]):
+    """Batches of one epoch for one rank: permutation seeded by (seed, epoch), rank slice, start batch."""
+
+    def __init__(self, size: int, batch_size: int, *, seed: int, epoch: int, rank: int = 0, world: int = 1,
+                 shuffle: bool = True, drop_last: bool = True, start_batch: int = 0) -> None:
+        self.size, self.batch_size, self.seed, self.epoch = size, batch_size, seed, epoch
+        self.rank, self.world, self.shuffle, self.drop_last, self.start_batch = rank, world, shuffle, drop_last, start_batch
+
+    def _indices(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.size, generator=g).tolist()
+        else:
+            order = list(range(self.size))
+        if self.drop_last:
+            per_rank = self.size // self.world
+            return order[self.rank * per_rank:(self.rank + 1) * per_rank]
+        return order[self.rank::self.world]  # evaluation: every example exactly once over ranks
+
+    def __iter__(self) -> Iterator[list[int]]:
+        idx = self._indices()
+        n = len(idx) // self.batch_size if self.drop_last else math.ceil(len(idx) / self.batch_size)
+        for b in range(self.start_batch, n):
+            yield idx[b * self.batch_size:(b + 1) * self.batch_size]
+
+    def __len__(self) -> int:
+        n = len(self._indices())
+        total = n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        return max(total - self.start_batch, 0)
+
+
+class SyntheticImages(Dataset):
+    """ImageNet-shaped random images; example i is the same on every call and every rank."""
+
+    def __init__(self, size: int, num_classes: int, image_size: int, seed: int = 0) -> None:
+        self.size, self.num_classes, self.image_size, self.seed = size, num_classes, image_size, seed
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        x = torch.randn(3, self.image_size, self.image_size, generator=g)
+        return x, int(torch.randint(self.num_classes, (1,), generator=g))
+
+
+@dataclass
+class Data:
+    """The one return type of :func:`build_data`."""
+
+    info: DataInfo
+    train_set: Dataset
+    val_set: Dataset
+    batch_size: int
+    eval_batch_size: int
+    num_workers: int
+    seed: int
+    rank: int = 0
+    world: int = 1
+
+    def batches_per_epoch(self) -> int:
+        """Training micro-batches per epoch on each rank (drop_last)."""
+        return (len(self.train_set) // self.world) // self.batch_size
+
+    def train_batches(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        sampler = EpochBatchSampler(len(self.train_set), self.batch_size, seed=self.seed, epoch=epoch,
+                                    rank=self.rank, world=self.world, start_batch=start_batch)
+        return iter(DataLoader(self.train_set, batch_sampler=sampler, num_workers=self.num_workers,
+                               persistent_workers=False, pin_memory=torch.cuda.is_available()))
+
+    def val_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        sampler = EpochBatchSampler(len(self.val_set), self.eval_batch_size, seed=0, epoch=0, rank=self.rank,
+                                    world=self.world, shuffle=False, drop_last=False)
+        return iter(DataLoader(self.val_set, batch_sampler=sampler, num_workers=self.num_workers))
+
+
+# --------------------------------------------------------------------------------- sources
+
+def _digits(val_fraction: float) -> tuple[TensorDataset, TensorDataset]:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    X, y = load_digits(return_X_y=True)
+    X = torch.tensor(X, dtype=torch.float32).view(-1, 1, 8, 8) / 16.0
+    y = torch.tensor(y, dtype=torch.long)
+    # a fixed split (random_state=0), independent of the training seed
+    tr, te = train_test_split(list(range(len(y))), test_size=val_fraction, random_state=0, stratify=y.numpy())
+    mean, std = X[tr].mean(), X[tr].std()
+    X = (X - mean) / std
+    return TensorDataset(X[tr], y[tr]), TensorDataset(X[te], y[te])
+
+
+def _image_dirs(cfg: DataSection) -> tuple[pathlib.Path, pathlib.Path]:
+    root = pathlib.Path(cfg.path or "")
+    train, val = root / "train", root / "val"
+    for d in (train, val):
+        if not d.is_dir():
+            raise DataError(f"data.path={cfg.path!r}: missing folder {d} (expected train/<class>/*.JPEG "
+                            "and val/<class>/*.JPEG)")
+    return train, val
+
+
+def describe_data(cfg: DataSection) -> DataInfo:
+    """Classes, input shape and sizes without building loaders (ImageNet's counts when the
+    image folder is absent, so that ``plan`` works without the data)."""
+    if cfg.name == "digits":
+        n = 1797
+        val = math.ceil(n * cfg.val_fraction)
+        return DataInfo(10, (1, 8, 8), n - val, val)
+    if cfg.name == "synthetic":
+        return DataInfo(cfg.num_classes or 1000, (3, cfg.image_size, cfg.image_size),
+                        cfg.train_size or IMAGENET_TRAIN_SIZE, cfg.val_size or IMAGENET_VAL_SIZE)
+    root = pathlib.Path(cfg.path or "")
+    if not (root / "train").is_dir():
+        return DataInfo(1000, (3, cfg.image_size, cfg.image_size), IMAGENET_TRAIN_SIZE, IMAGENET_VAL_SIZE,
+                        note=f"{root / 'train'} not found: ImageNet-1k sizes assumed")
+    from torchvision.datasets import ImageFolder
+    train, val = _image_dirs(cfg)
+    tr, va = ImageFolder(str(train)), ImageFolder(str(val))
+    return DataInfo(len(tr.classes), (3, cfg.image_size, cfg.image_size), len(tr), len(va))
+
+
+def build_data(cfg: DataSection, *, seed: int, rank: int = 0, world: int = 1) -> Data:
+    """Build the data named by ``cfg.name``; raises :class:`DataError` naming what is wrong."""
+    common = dict(batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
+                  num_workers=cfg.num_workers, seed=seed, rank=rank, world=world)
+    if cfg.name == "digits":
+        train_set, val_set = _digits(cfg.val_fraction)
+        info = describe_data(cfg)
+        assert len(train_set) == info.train_size and len(val_set) == info.val_size
+    elif cfg.name == "synthetic":
+        info = describe_data(cfg)
+        train_set = SyntheticImages(info.train_size, info.num_classes, cfg.image_size, seed=0)
+        val_set = SyntheticImages(info.val_size, info.num_classes, cfg.image_size, seed=1)
+    elif cfg.name == "imagefolder":
+        train_set, val_set = _image_folders(cfg)
+        info = DataInfo(len(train_set.classes), (3, cfg.image_size, cfg.image_size), len(train_set), len(val_set))
+    else:
+        raise DataError(f"data.name={cfg.name!r}: allowed: digits, synthetic, imagefolder")
+    data = Data(info=info, train_set=train_set, val_set=val_set, **common)
+    if data.batches_per_epoch() == 0:
+        raise DataError(
+            f"data.batch_size={cfg.batch_size}: larger than the {len(train_set) // world} training examples "
+            f"per rank ({len(train_set)} examples, {world} ranks)")
+    return data
+
+
+def _image_folders(cfg: DataSection):
+    from torchvision import transforms
+    from torchvision.datasets import ImageFolder
+
+    train, val = _image_dirs(cfg)
+    size = cfg.image_size
+    normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    train_tf = transforms.Compose([transforms.RandomResizedCrop(size, scale=(0.08, 1.0)),
+                                   transforms.RandomHorizontalFlip(), transforms.ToTensor(), normalize])
+    val_tf = transforms.Compose([transforms.Resize(int(size * 256 / 224)), transforms.CenterCrop(size),
+                                 transforms.ToTensor(), normalize])
+    sets = []
+    for d, tf in ((train, train_tf), (val, val_tf)):
+        try:
+            sets.append(ImageFolder(str(d), transform=tf))
+        except (FileNotFoundError, OSError) as e:
+            raise DataError(f"data.path={cfg.path!r}: {d}: {e}") from None
+    return sets[0], sets[1]

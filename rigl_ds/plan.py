@@ -1,0 +1,79 @@
+"""``rigl-ds plan``: per-layer density, FLOPs and schedule of an experiment, without training."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from rigl_ds.config import ExperimentConfig
+from rigl_ds.core import UpdateSchedule, forward_flops, get_distribution, nnz_for, select_layers, training_flops_ratio
+from rigl_ds.train import build_experiment
+
+
+def make_plan(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The plan as a JSON-ready dict; the model is built on the meta device (no memory, no data)."""
+    exp = build_experiment(cfg, with_data=False, meta=True)
+    sp = cfg.sparsity
+    layers = select_layers(exp.model, sp.include, sp.exclude)
+    if sp.method == "dense":
+        densities = {l.name: 1.0 for l in layers}
+    else:
+        densities = get_distribution(sp.distribution)(layers, sp.sparsity, overrides=sp.overrides,
+                                                      power_scale=sp.erk_power_scale)
+    rows = []
+    for l in layers:
+        nnz = nnz_for(l.numel, densities[l.name])
+        rows.append({"name": l.name, "shape": list(l.shape), "numel": l.numel, "density": nnz / l.numel, "nnz": nnz})
+    total = sum(r["numel"] for r in rows)
+    exact = {r["name"]: r["density"] for r in rows}
+    f = forward_flops(exp.model, torch.empty((1, *exp.info.input_shape), device="meta"), exact)
+    sched = UpdateSchedule.from_total_steps(exp.total_steps, delta=sp.delta, t_end=sp.t_end, alpha=sp.alpha,
+                                            anneal=sp.anneal, grad_accumulation_n=sp.grad_accumulation_n)
+    dynamic = sp.method in ("rigl", "set")
+    return {
+        "model": cfg.model.name,
+        "method": sp.method,
+        "distribution": sp.distribution,
+        "sparsity": sp.sparsity,
+        "global_density": sum(r["nnz"] for r in rows) / total,
+        "layers": rows,
+        "flops": {
+            "dense_forward": f.dense,
+            "sparse_forward": f.sparse,
+            "inference_ratio": f.inference_ratio,
+            "train_ratio": training_flops_ratio(f.sparse, f.dense, total_steps=exp.total_steps, delta=sched.delta,
+                                                t_end=sched.t_end, method=sp.method),
+        },
+        "schedule": {
+            "total_steps": exp.total_steps,
+            "steps_per_epoch": exp.steps_per_epoch,
+            "epochs": cfg.train.epochs,
+            "delta": sched.delta,
+            "t_end": sched.t_end,
+            "num_mask_updates": sched.num_updates if dynamic else 0,
+            "global_batch": cfg.data.batch_size * cfg.train.grad_accumulation,
+        },
+        "data": {"name": cfg.data.name, "train_size": exp.info.train_size, "num_classes": exp.info.num_classes,
+                 "input_shape": list(exp.info.input_shape), "note": exp.info.note},
+    }
+
+
+def format_plan(plan: dict[str, Any]) -> str:
+    """A human-readable table of the plan."""
+    lines = [f"model {plan['model']}  method {plan['method']}  distribution {plan['distribution']}  "
+             f"target sparsity {plan['sparsity']}",
+             f"{'layer':<44} {'shape':<20} {'numel':>10} {'nnz':>10} {'density':>8}"]
+    for r in plan["layers"]:
+        lines.append(f"{r['name']:<44} {str(tuple(r['shape'])):<20} {r['numel']:>10} {r['nnz']:>10} {r['density']:>8.4f}")
+    f, s = plan["flops"], plan["schedule"]
+    lines += [
+        f"global density {plan['global_density']:.6f}",
+        f"forward FLOPs/example: dense {f['dense_forward']:.4g}, sparse {f['sparse_forward']:.4g} "
+        f"(inference {f['inference_ratio']:.3f}x, training {f['train_ratio']:.3f}x of dense)",
+        f"schedule: {s['total_steps']} steps ({s['steps_per_epoch']}/epoch x {s['epochs']} epochs, "
+        f"global batch {s['global_batch']}), delta {s['delta']}, t_end {s['t_end']}, "
+        f"{s['num_mask_updates']} mask updates",
+    ]
+    if plan["data"]["note"]:
+        lines.append(f"note: {plan['data']['note']}")
+    return "\n".join(lines)

@@ -1,0 +1,459 @@
+"""One readable training loop: forward, backward, sparsifier, step, log, checkpoint.
+
+The loop never touches mask tensors: it calls ``sparsifier.step()`` and reads its reports.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import math
+import os
+import pathlib
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rigl_ds import checkpoint as ckpt
+from rigl_ds.config import ExperimentConfig, to_yaml
+from rigl_ds.core import Sparsifier, build_sparsifier, forward_flops
+from rigl_ds.data import Data, DataInfo, build_data, describe_data
+from rigl_ds.models import build_model
+
+logger = logging.getLogger(__name__)
+
+
+class RunError(RuntimeError):
+    """A run that cannot start or continue; the message says why and what to do."""
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+def pick_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def build_optimizer(cfg: ExperimentConfig, model: nn.Module) -> torch.optim.Optimizer:
+    o = cfg.optimizer
+    if o.name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
+                               weight_decay=o.weight_decay)
+    cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
+    return cls(model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+
+
+def lr_factor(cfg: ExperimentConfig, step: int, total_steps: int, steps_per_epoch: int) -> float:
+    """Multiplier of the base LR at ``step``: linear warm-up, then cosine / constant / step decay."""
+    s = cfg.lr_schedule
+    warmup = int(round(s.warmup_epochs * steps_per_epoch))
+    if step < warmup:
+        return (step + 1) / warmup
+    if s.name == "constant":
+        return 1.0
+    if s.name == "step":
+        epoch = step / steps_per_epoch
+        return s.step_gamma ** sum(1 for e in s.step_epochs if epoch >= e)
+    floor = s.min_lr / cfg.optimizer.lr
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def accuracy(logits: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[torch.Tensor]:
+    """Number of correct top-k predictions for each k (as tensors: no host sync)."""
+    kmax = min(max(ks), logits.shape[1])
+    top = logits.topk(kmax, dim=1).indices
+    hit = top.eq(target[:, None])
+    return [hit[:, :min(k, kmax)].any(dim=1).sum() for k in ks]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable, device: torch.device, autocast, channels_last: bool) -> dict[str, float]:
+    """Top-1/top-5 accuracy and loss over ``batches``."""
+    was = model.training
+    model.eval()
+    n = 0
+    c1 = torch.zeros((), device=device)
+    c5 = torch.zeros((), device=device)
+    loss = torch.zeros((), device=device)
+    for x, y in batches:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast():
+            out = model(x)
+        loss += F.cross_entropy(out.float(), y, reduction="sum")
+        a1, a5 = accuracy(out, y)
+        c1 += a1
+        c5 += a5
+        n += y.numel()
+    model.train(was)
+    n = max(n, 1)
+    return {"top1": c1.item() / n, "top5": c5.item() / n, "loss": loss.item() / n, "count": n}
+
+
+def resolve_run_dir(cfg: ExperimentConfig) -> pathlib.Path:
+    """``logging.run_dir``, or for ``resume=auto`` the newest ``runs/<name>-*``, or a new timestamped one."""
+    if cfg.logging.run_dir:
+        return pathlib.Path(cfg.logging.run_dir)
+    root = pathlib.Path("runs")
+    if cfg.resume == "auto" and root.is_dir():
+        runs = sorted(p for p in root.glob(f"{cfg.name}-*") if ckpt.list_checkpoints(p / "checkpoints"))
+        if runs:
+            return runs[-1]
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return root / f"{cfg.name}-{stamp}"
+
+
+# ------------------------------------------------------------------------------------ the run
+
+@dataclass
+class Experiment:
+    """Everything built from a config before the first step (also used by ``plan`` and ``eval``)."""
+
+    cfg: ExperimentConfig
+    info: DataInfo
+    model: nn.Module
+    steps_per_epoch: int
+    total_steps: int
+    data: Data | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    sparsifier: Sparsifier | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+
+def schedule_lengths(cfg: ExperimentConfig, info: DataInfo, world: int = 1) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps) for this config."""
+    micro = (info.train_size // world) // cfg.data.batch_size
+    spe = micro // cfg.train.grad_accumulation
+    if spe < 1:
+        raise RunError(
+            f"an epoch has {micro} micro-batches of data.batch_size={cfg.data.batch_size} per rank, fewer than "
+            f"train.grad_accumulation={cfg.train.grad_accumulation}: lower one of them")
+    return spe, max(1, int(round(cfg.train.epochs * spe)))
+
+
+def build_experiment(cfg: ExperimentConfig, *, with_data: bool = True, device: torch.device | None = None,
+                     meta: bool = False) -> Experiment:
+    """Build data, model, optimizer and sparsifier (no files written)."""
+    seed_everything(cfg.train.seed, cfg.train.deterministic)
+    data = build_data(cfg.data, seed=cfg.train.seed) if with_data else None
+    info = data.info if data is not None else describe_data(cfg.data)
+    spe, total = schedule_lengths(cfg, info)
+    device = device or (torch.device("meta") if meta else pick_device())
+    with device if meta else nullcontext():
+        model = build_model(cfg.model, info.num_classes, info.input_shape)
+    if not meta:
+        model = model.to(device)
+        if cfg.model.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+    exp = Experiment(cfg=cfg, info=info, model=model, steps_per_epoch=spe, total_steps=total, data=data,
+                     device=device)
+    if meta:
+        return exp
+    exp.optimizer = build_optimizer(cfg, model)
+    if cfg.sparsity.method != "dense":
+        try:
+            exp.sparsifier = build_sparsifier(model, exp.optimizer, cfg.sparsity.to_core(cfg.train.seed),
+                                              total_steps=total)
+        except ValueError as e:
+            raise RunError(f"sparsity: {e}") from None
+    return exp
+
+
+class Trainer:
+    """Runs an :class:`Experiment`: the loop, logging, evaluation and checkpoints."""
+
+    def __init__(self, cfg: ExperimentConfig) -> None:
+        self.cfg = cfg
+        if cfg.precision.dtype == "fp16" and not torch.cuda.is_available():
+            raise RunError("precision.dtype='fp16' needs a CUDA GPU; use 'fp32' (or 'bf16') on CPU")
+        self.exp = build_experiment(cfg)
+        self.model, self.optimizer, self.sparsifier = self.exp.model, self.exp.optimizer, self.exp.sparsifier
+        self.data, self.device = self.exp.data, self.exp.device
+        spe, total = self.exp.steps_per_epoch, self.exp.total_steps
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(cfg, s, total, spe))
+        use_amp = cfg.precision.dtype in ("bf16", "fp16")
+        amp_dtype = torch.bfloat16 if cfg.precision.dtype == "bf16" else torch.float16
+        self.autocast = (lambda: torch.autocast(self.device.type, dtype=amp_dtype)) if use_amp else nullcontext
+        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.precision.dtype == "fp16" else None
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
+        self.mix_gen = torch.Generator().manual_seed(cfg.train.seed + 7)   # mixup permutations
+        self.mix_rng = np.random.default_rng(cfg.train.seed + 7)             # mixup lambdas
+        self.step = 0
+        self.flops = self._flops()
+        self.cum_flops = {"sparse": 0.0, "dense": 0.0}
+        # running sums of the current logging window (saved, so a resumed run logs the same values)
+        self.window: dict[str, Any] = {"loss_sum": 0.0, "correct1": 0.0, "correct5": 0.0, "n": 0}
+        self.run_dir = resolve_run_dir(cfg)
+
+    # -------------------------------------------------------------- setup
+    def _flops(self) -> dict[str, float]:
+        x = torch.zeros((1, *self.exp.info.input_shape), device=self.device)
+        dens = self.sparsifier.layer_densities() if self.sparsifier else {}
+        f = forward_flops(self.model, x, dens)
+        return {"dense": f.dense, "sparse": f.sparse}
+
+    def _prepare_run_dir(self) -> None:
+        cdir = self.run_dir / "checkpoints"
+        found = ckpt.list_checkpoints(cdir)
+        if self.cfg.resume is None and found:
+            raise RunError(f"run directory {self.run_dir} already holds checkpoints ({found[-1].name}); "
+                           "pass resume=auto to continue it, or set logging.run_dir to a new folder")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
+
+    def _resume(self) -> None:
+        if self.cfg.resume is None:
+            return
+        if self.cfg.resume == "auto":
+            latest = ckpt.load_latest(self.run_dir / "checkpoints")
+            if latest is None:
+                logger.info("resume=auto: no checkpoint in %s, starting from step 0", self.run_dir)
+                return
+            path, state = latest
+        else:
+            path = pathlib.Path(self.cfg.resume)
+            state = ckpt.load(path)
+        self.load_state(state)
+        logger.info("resumed from %s at step %d", path, self.step)
+
+    # -------------------------------------------------------------- state
+    def state(self) -> dict[str, Any]:
+        spe = self.exp.steps_per_epoch
+        return {
+            "step": self.step,
+            "data": {"epoch": self.step // spe, "batch": (self.step % spe) * self.cfg.train.grad_accumulation},
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "sparsifier": self.sparsifier.state_dict() if self.sparsifier else None,
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "rng": ckpt.rng_state(),
+            "mix_gen": self.mix_gen.get_state(),
+            "mix_rng": self.mix_rng.bit_generator.state,
+            "cum_flops": dict(self.cum_flops),
+            "log_window": {k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in self.window.items()},
+            "config": self.cfg.model_dump(mode="json"),
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if self.sparsifier is not None:
+            if state.get("sparsifier") is None:
+                raise RunError("the checkpoint was saved without a sparsifier (a dense run)")
+            self.sparsifier.load_state_dict(state["sparsifier"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        ckpt.set_rng_state(state["rng"])
+        self.mix_gen.set_state(state["mix_gen"])
+        self.mix_rng.bit_generator.state = state["mix_rng"]
+        self.cum_flops = dict(state["cum_flops"])
+        self.window = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in state["log_window"].items()}
+        self.step = int(state["step"])
+
+    def save(self) -> pathlib.Path:
+        cdir = self.run_dir / "checkpoints"
+        path = ckpt.checkpoint_path(cdir, self.step)
+        ckpt.save_atomic(self.state(), path)
+        ckpt.rotate(cdir, self.cfg.checkpoint.keep_last)
+        return path
+
+    # -------------------------------------------------------------- one step
+    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        alpha = self.cfg.train.mixup
+        if alpha > 0:
+            lam = float(self.mix_rng.beta(alpha, alpha))
+            perm = torch.randperm(x.shape[0], generator=self.mix_gen).to(x.device)
+            x = lam * x + (1 - lam) * x[perm]
+            with self.autocast():
+                out = self.model(x)
+            loss = lam * self.criterion(out.float(), y) + (1 - lam) * self.criterion(out.float(), y[perm])
+            return loss, out
+        with self.autocast():
+            out = self.model(x)
+        return self.criterion(out.float(), y), out
+
+    def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Forward/backward over the micro-batches, sparsifier, optimizer step, LR step."""
+        accum = len(micro_batches)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=self.device)
+        correct1 = torch.zeros((), device=self.device)
+        correct5 = torch.zeros((), device=self.device)
+        n = 0
+        for x, y in micro_batches:
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            if self.cfg.model.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            loss, out = self._loss(x, y)
+            scaled = loss / accum
+            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            loss_sum += loss.detach() * y.numel()
+            a1, a5 = accuracy(out.detach(), y)
+            correct1 += a1
+            correct5 += a5
+            n += y.numel()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.cfg.train.clip_grad_norm:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.clip_grad_norm)
+        dense_step = self.sparsifier is not None and self.sparsifier.is_update_step() and \
+            self.sparsifier.needs_dense_grad
+        do_step = self.sparsifier.step() if self.sparsifier is not None else True
+        if do_step:
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+            else:
+                self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.update()
+        self.lr_scheduler.step()
+        f = self.flops
+        self.cum_flops["dense"] += 3 * f["dense"] * n
+        self.cum_flops["sparse"] += ((2 * f["sparse"] + f["dense"]) if dense_step else 3 * f["sparse"]) * n
+        self.step += 1
+        return {"loss_sum": loss_sum, "correct1": correct1, "correct5": correct5, "n": torch.tensor(n)}
+
+    # -------------------------------------------------------------- the loop
+    def run(self) -> dict[str, Any]:
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        self._prepare_run_dir()
+        self._resume()
+        spe, total = self.exp.steps_per_epoch, self.exp.total_steps
+        stop = min(total, cfg.train.max_steps) if cfg.train.max_steps else total
+        accum = cfg.train.grad_accumulation
+        eval_every = max(1, int(round(cfg.train.eval_every_epochs * spe)))
+        writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step) if cfg.logging.tensorboard else None
+        if writer is not None and self.step == 0:
+            writer.add_text("config", "```\n" + to_yaml(cfg) + "\n```", 0)
+            self._log_density(writer, 0)
+        bar = tqdm(total=stop, initial=self.step, disable=not cfg.logging.progress, dynamic_ncols=True,
+                   desc=cfg.name, unit="step")
+        window = self.window
+        window_t0 = time.perf_counter()
+        t_start = time.perf_counter()
+        while self.step < stop:
+            epoch, in_epoch = divmod(self.step, spe)
+            batches = self.data.train_batches(epoch, start_batch=in_epoch * accum)
+            for _ in range(in_epoch, spe):
+                if self.step >= stop:
+                    break
+                micro = [next(batches) for _ in range(accum)]
+                stats = self.train_step(micro)
+                for k in window:
+                    window[k] = window[k] + stats[k]
+                self.window = window
+                bar.update(1)
+                if self.sparsifier is not None and self.sparsifier.last_update and \
+                        self.sparsifier.last_update["step"] == self.step - 1 and writer is not None:
+                    self._log_update(writer, self.step)
+                if self.step % cfg.logging.log_every == 0 or self.step == total:
+                    window, window_t0 = self._log_window(writer, bar, window, window_t0)
+                    self.window = window
+                if self.step % eval_every == 0 and self.step != stop:
+                    self._eval(writer)
+                if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0 \
+                        and self.step != stop:
+                    self.save()
+        bar.close()
+        if cfg.checkpoint.at_end:
+            self.save()
+        final = self._eval(writer)
+        if writer is not None:
+            writer.close()
+        result = {
+            "run_dir": str(self.run_dir), "steps": self.step, "total_steps": total,
+            "eval": final, "global_density": self.global_density(),
+            "train_flops_ratio": self.cum_flops["sparse"] / max(self.cum_flops["dense"], 1.0),
+            "seconds": time.perf_counter() - t_start,
+        }
+        (self.run_dir / "result.json").write_text(json.dumps(result, indent=2))
+        return result
+
+    # -------------------------------------------------------------- reporting
+    def global_density(self) -> float:
+        return self.sparsifier.global_density if self.sparsifier else 1.0
+
+    def _log_density(self, writer, step: int) -> None:
+        if self.sparsifier is None:
+            writer.add_scalar("sparsity/global_density", 1.0, step)
+            return
+        masks = self.sparsifier.masks
+        active = sum(int(m.sum()) for m in masks.values())
+        total = sum(m.numel() for m in masks.values())
+        writer.add_scalar("sparsity/global_density", active / total, step)
+        if self.cfg.logging.per_layer:
+            for name, m in masks.items():
+                writer.add_scalar(f"density/{name}", int(m.sum()) / m.numel(), step)
+
+    def _log_update(self, writer, step: int) -> None:
+        upd = self.sparsifier.last_update
+        writer.add_scalar("rigl/drop_fraction", upd["drop_fraction"], step)
+        writer.add_scalar("rigl/churn", upd["churn"], step)
+        if self.cfg.logging.per_layer:
+            for name, c in upd["churn_per_layer"].items():
+                writer.add_scalar(f"churn/{name}", c, step)
+        self._log_density(writer, step)
+
+    def _log_window(self, writer, bar, window, t0):
+        now = time.perf_counter()
+        n = int(window["n"])
+        if n == 0:
+            return window, t0
+        loss = float(window["loss_sum"]) / n
+        top1 = float(window["correct1"]) / n
+        top5 = float(window["correct5"]) / n
+        ips = n / max(now - t0, 1e-9)
+        lr = self.optimizer.param_groups[0]["lr"]
+        density = self.global_density()
+        bar.set_postfix(loss=f"{loss:.4f}", acc=f"{top1:.3f}", img_s=f"{ips:.0f}", density=f"{density:.4f}")
+        if writer is not None:
+            s = self.step
+            writer.add_scalar("train/loss", loss, s)
+            writer.add_scalar("train/top1", top1, s)
+            writer.add_scalar("train/top5", top5, s)
+            writer.add_scalar("train/lr", lr, s)
+            writer.add_scalar("train/img_per_s", ips, s)
+            writer.add_scalar("sparsity/global_density", density, s)
+            writer.add_scalar("flops/train_ratio_cumulative",
+                              self.cum_flops["sparse"] / max(self.cum_flops["dense"], 1.0), s)
+        return {"loss_sum": 0.0, "correct1": 0.0, "correct5": 0.0, "n": 0}, now
+
+    def _eval(self, writer) -> dict[str, float]:
+        res = evaluate(self.model, self.data.val_batches(), self.device, self.autocast, self.cfg.model.channels_last)
+        if writer is not None:
+            writer.add_scalar("eval/top1", res["top1"], self.step)
+            writer.add_scalar("eval/top5", res["top5"], self.step)
+            writer.add_scalar("eval/loss", res["loss"], self.step)
+        logger.info("step %d: eval top-1 %.4f, top-5 %.4f", self.step, res["top1"], res["top5"])
+        return res
+
+
+def train(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Build and run an experiment; returns the final metrics (also written to result.json)."""
+    return Trainer(cfg).run()

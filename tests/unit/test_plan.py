@@ -1,0 +1,47 @@
+import json
+
+import pytest
+
+from rigl_ds.cli import main
+
+
+def test_plan_json_hand_counted(tmp_path, capsys):
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(
+        "# rigl-ds plan p.yaml --json\n"
+        "name: plan\nmodel: {name: 'tests.helpers:plan_net'}\ndata: {name: digits, batch_size: 32}\n"
+        "sparsity: {sparsity: 0.5, distribution: erk, delta: 10, t_end: 0.75}\ntrain: {epochs: 2}\n")
+    assert main(["plan", str(cfg), "--json"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1
+    plan = json.loads(out)
+    # ERK: conv raw 11/36 would exceed density 1 -> dense; fc gets the rest: 0.5*2560 - 0.5*36 = 1262
+    assert plan["layers"] == [
+        {"name": "conv.weight", "shape": [4, 1, 3, 3], "numel": 36, "density": 1.0, "nnz": 36},
+        {"name": "fc.weight", "shape": [10, 256], "numel": 2560, "density": 1262 / 2560, "nnz": 1262},
+    ]
+    assert plan["model"] == "tests.helpers:plan_net"
+    assert plan["global_density"] == pytest.approx((36 + 1262) / 2596)
+    conv, fc = 2 * 256 * 9, 2 * 2560            # 4x8x8 outputs x 9 MACs; 256x10 MACs
+    f = plan["flops"]
+    assert f["dense_forward"] == conv + fc
+    assert f["sparse_forward"] == pytest.approx(conv + fc * 1262 / 2560)
+    assert f["inference_ratio"] == pytest.approx(f["sparse_forward"] / f["dense_forward"])
+    fs, fd = f["sparse_forward"], f["dense_forward"]
+    # digits: 1797 - 360 test = 1437 train -> 44 batches of 32 per epoch, 88 steps, t_end 66
+    assert plan["schedule"] == {"total_steps": 88, "steps_per_epoch": 44, "epochs": 2.0, "delta": 10, "t_end": 66,
+                                "num_mask_updates": 6, "global_batch": 32}
+    expected = ((3 * fs * 10 + 2 * fs + fd) / 11 * 66 + 3 * fs * 22) / (3 * fd * 88)
+    assert f["train_ratio"] == pytest.approx(expected)
+
+
+def test_plan_table_and_static_dense(tmp_path, capsys):
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text("name: plan\nmodel: {name: 'tests.helpers:plan_net'}\ntrain: {epochs: 1}\n")
+    assert main(["plan", str(cfg), "sparsity.method=dense"]) == 0
+    out = capsys.readouterr().out
+    assert "global density 1.000000" in out and "0 mask updates" in out
+    assert main(["plan", str(cfg), "sparsity.method=static", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["schedule"]["num_mask_updates"] == 0
+    assert plan["flops"]["train_ratio"] == pytest.approx(plan["flops"]["inference_ratio"])

@@ -1,0 +1,116 @@
+import json
+import pathlib
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from rigl_ds.checkpoint import list_checkpoints, load
+from rigl_ds.cli import main
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+QUICK = str(ROOT / "configs" / "quickstart.yaml")
+# a short quickstart: 2 epochs of 44 steps, an update every 10 steps until step 66
+SHORT = ["train.epochs=2", "sparsity.delta=10", "logging.log_every=5", "logging.progress=false",
+         "checkpoint.every_steps=null"]
+
+
+def scalars(run_dir: pathlib.Path) -> dict[str, list[tuple[int, float]]]:
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_short_run_writes_tensorboard_events(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", QUICK, *SHORT, f"logging.run_dir={run}"]) == 0
+    out = capsys.readouterr().out
+    assert "test accuracy: top-1" in out and f"tensorboard --logdir {run / 'tb'}" in out
+    result = json.loads((run / "result.json").read_text())
+    assert result["steps"] == 88 and result["eval"]["count"] == 360
+    assert result["eval"]["top1"] > 0.5              # 88 steps at 90% sparsity already learn digits
+    s = scalars(run)
+    density = [v for _, v in s["sparsity/global_density"]]
+    assert density and all(abs(v - 0.1) < 1e-3 for v in density)       # 1 - sparsity within rounding
+    churn_steps = [step for step, _ in s["rigl/churn"]]
+    assert churn_steps == [11, 21, 31, 41, 51, 61]    # logged after the update steps 10..60
+    assert all(0 < v < 0.3 for _, v in s["rigl/churn"])
+    assert {"train/loss", "train/top1", "train/top5", "train/lr", "train/img_per_s", "eval/top1", "eval/top5",
+            "rigl/drop_fraction", "flops/train_ratio_cumulative"} <= set(s)
+    assert any(t.startswith("density/features.0.weight") for t in s)
+    assert any(t.startswith("churn/classifier.1.weight") for t in s)
+    assert (run / "config.yaml").is_file()
+    ckpts = list_checkpoints(run / "checkpoints")
+    assert [p.name for p in ckpts] == ["step_00000088.pt"]
+
+
+@pytest.mark.slow
+def test_resume_mid_epoch_is_bit_identical(tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert main(["train", QUICK, *SHORT, f"logging.run_dir={straight}"]) == 0
+    # stop at step 53 (mid-epoch, between updates), then resume=auto to the end
+    assert main(["train", QUICK, *SHORT, f"logging.run_dir={split}", "train.max_steps=53"]) == 0
+    assert [p.name for p in list_checkpoints(split / "checkpoints")] == ["step_00000053.pt"]
+    assert main(["train", QUICK, *SHORT, f"logging.run_dir={split}", "resume=auto"]) == 0
+    a = load(straight / "checkpoints" / "step_00000088.pt")
+    b = load(split / "checkpoints" / "step_00000088.pt")
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    for k, m in a["sparsifier"]["masks"].items():
+        assert torch.equal(m, b["sparsifier"]["masks"][k]), k
+    assert a["sparsifier"]["last_update"] == b["sparsifier"]["last_update"]
+    assert a["lr_scheduler"] == b["lr_scheduler"] and a["data"] == b["data"] == {"epoch": 2, "batch": 0}
+    sa, sb = scalars(straight), scalars(split)
+    for tag in ("train/loss", "rigl/churn", "sparsity/global_density"):
+        steps = [s for s, _ in sb[tag]]
+        assert len(steps) == len(set(steps)), tag                  # no duplicated steps after resume
+        assert sa[tag] == sb[tag], tag                             # the same logged values
+    assert json.loads((straight / "result.json").read_text())["eval"] == \
+        json.loads((split / "result.json").read_text())["eval"]
+
+
+def test_refuses_to_overwrite_a_run(tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["train", QUICK, *SHORT, f"logging.run_dir={run}", "train.max_steps=3", "train.eval_every_epochs=10"]
+    assert main(args) == 0
+    assert main(args) == 2
+    assert "already holds checkpoints" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("model.name=vgg", "model.name"),
+    ("sparsity.sparsity=1.0", "sparsity.sparsity"),
+    ("sparsity.sparsity=-0.1", "sparsity.sparsity"),
+    ("sparsity.delta=0", "sparsity.delta"),
+    ("data.name=imagefolder", "data.path"),
+])
+def test_bad_inputs_write_nothing(tmp_path, capsys, override, needle):
+    run = tmp_path / "run"
+    assert main(["train", QUICK, *SHORT, f"logging.run_dir={run}", override]) == 2
+    err = capsys.readouterr().err
+    assert needle in err
+    assert not run.exists() or [p.name for p in run.iterdir()] == ["error.log"]
+
+
+def test_missing_data_dir_is_a_clear_error_with_only_an_error_log(tmp_path, capsys):
+    run = tmp_path / "run"
+    missing = tmp_path / "no_such_dir"
+    assert main(["train", QUICK, *SHORT, f"logging.run_dir={run}", "data.name=imagefolder",
+                 f"data.path={missing}"]) == 2
+    err = capsys.readouterr().err
+    assert f"data.path='{missing}'" in err and "missing folder" in err
+    assert [p.name for p in run.iterdir()] == ["error.log"]
+    assert "missing folder" in (run / "error.log").read_text()
+
+
+def test_eval_cli_reports_accuracy_and_density(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", QUICK, *SHORT, f"logging.run_dir={run}", "train.max_steps=20"]) == 0
+    capsys.readouterr()
+    ck = list_checkpoints(run / "checkpoints")[-1]
+    assert main(["eval", QUICK, "--checkpoint", str(ck), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["step"] == 20 and out["count"] == 360 and 0 <= out["top1"] <= out["top5"] <= 1
+    assert abs(out["global_density"] - 0.1) < 1e-3
+    assert main(["eval", QUICK, "--checkpoint", str(tmp_path / "nope.pt")]) == 2
+    assert "does not exist" in capsys.readouterr().err
