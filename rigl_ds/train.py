@@ -338,6 +338,13 @@ class Trainer:
 
     # -------------------------------------------------------------- the loop
     def run(self) -> dict[str, Any]:
+        """Train to the end (or ``train.max_steps``), evaluate, checkpoint; returns the final metrics."""
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        with logging_redirect_tqdm(loggers=[logging.getLogger("rigl_ds")]):
+            return self._run()
+
+    def _run(self) -> dict[str, Any]:
         from torch.utils.tensorboard import SummaryWriter
         from tqdm import tqdm
 

@@ -141,7 +141,7 @@ class Sparsifier:
         logger.info(
             "%s: %d masked layers, target sparsity %.4f (%s), achieved global density %.6f, "
             "%d mask updates (delta=%d, t_end=%d)", type(self).__name__, len(self.layers),
-            cfg.sparsity, cfg.distribution, self.global_density, self.schedule.num_updates,
+            cfg.sparsity, cfg.distribution, self.global_density, self.schedule.num_updates if self.updates else 0,
             self.schedule.delta, self.schedule.t_end)
 
     # ------------------------------------------------------------------ queries
@@ -253,7 +253,7 @@ class Sparsifier:
         }
         self._score = None
         self._score_count = 0
-        logger.info("step %d: mask update, drop fraction %.4f, churn %.4f of active weights",
+        logger.debug("step %d: mask update, drop fraction %.4f, churn %.4f of active weights",
                     t, fraction, self.last_update["churn"])
 
     # ------------------------------------------------------------------ state

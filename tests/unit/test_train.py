@@ -45,23 +45,30 @@ def test_short_run_writes_tensorboard_events(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_resume_mid_epoch_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("extra,last", [
+    ([], 88),
+    # mixup draws random numbers, grad accumulation halves the steps: 22/epoch, updates at 10, 20, 30
+    (["train.mixup=0.2", "train.grad_accumulation=2", "sparsity.grad_accumulation_n=3", "sparsity.method=set"], 44),
+], ids=["rigl", "set-mixup-accum"])
+def test_resume_mid_epoch_is_bit_identical(tmp_path, extra, last):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    assert main(["train", QUICK, *SHORT, f"logging.run_dir={straight}"]) == 0
-    # stop at step 53 (mid-epoch, between updates), then resume=auto to the end
-    assert main(["train", QUICK, *SHORT, f"logging.run_dir={split}", "train.max_steps=53"]) == 0
-    assert [p.name for p in list_checkpoints(split / "checkpoints")] == ["step_00000053.pt"]
-    assert main(["train", QUICK, *SHORT, f"logging.run_dir={split}", "resume=auto"]) == 0
-    a = load(straight / "checkpoints" / "step_00000088.pt")
-    b = load(split / "checkpoints" / "step_00000088.pt")
+    cut = 53 if last == 88 else 29          # mid-epoch, between updates
+    assert main(["train", QUICK, *SHORT, *extra, f"logging.run_dir={straight}"]) == 0
+    # stop at the cut, then resume=auto to the end
+    assert main(["train", QUICK, *SHORT, *extra, f"logging.run_dir={split}", f"train.max_steps={cut}"]) == 0
+    assert [p.name for p in list_checkpoints(split / "checkpoints")] == [f"step_{cut:08d}.pt"]
+    assert main(["train", QUICK, *SHORT, *extra, f"logging.run_dir={split}", "resume=auto"]) == 0
+    a = load(straight / "checkpoints" / f"step_{last:08d}.pt")
+    b = load(split / "checkpoints" / f"step_{last:08d}.pt")
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
     for k, m in a["sparsifier"]["masks"].items():
         assert torch.equal(m, b["sparsifier"]["masks"][k]), k
     assert a["sparsifier"]["last_update"] == b["sparsifier"]["last_update"]
     assert a["lr_scheduler"] == b["lr_scheduler"] and a["data"] == b["data"] == {"epoch": 2, "batch": 0}
+    assert a["sparsifier"]["last_update"]["step"] == (60 if last == 88 else 30)
     sa, sb = scalars(straight), scalars(split)
-    for tag in ("train/loss", "rigl/churn", "sparsity/global_density"):
+    for tag in ("train/loss", "train/top1", "rigl/churn", "sparsity/global_density"):
         steps = [s for s, _ in sb[tag]]
         assert len(steps) == len(set(steps)), tag                  # no duplicated steps after resume
         assert sa[tag] == sb[tag], tag                             # the same logged values
@@ -114,3 +121,32 @@ def test_eval_cli_reports_accuracy_and_density(tmp_path, capsys):
     assert abs(out["global_density"] - 0.1) < 1e-3
     assert main(["eval", QUICK, "--checkpoint", str(tmp_path / "nope.pt")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_lr_schedule_warmup_then_cosine():
+    from rigl_ds.config import load_config
+    from rigl_ds.train import lr_factor
+
+    cfg = load_config(QUICK, ["lr_schedule.warmup_epochs=1", "lr_schedule.min_lr=0.005"])  # lr 0.05
+    spe, total = 44, 1320
+    assert [lr_factor(cfg, s, total, spe) for s in (0, 21, 43)] == pytest.approx([1 / 44, 22 / 44, 1.0])
+    assert lr_factor(cfg, 44, total, spe) == pytest.approx(1.0)
+    mid = 44 + (total - 44) // 2
+    assert lr_factor(cfg, mid, total, spe) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_factor(cfg, total, total, spe) == pytest.approx(0.1)
+
+
+@pytest.mark.slow
+def test_resnet50_synthetic_smoke(tmp_path):
+    run = tmp_path / "run"
+    cfg = str(ROOT / "configs" / "smoke_resnet50_synthetic.yaml")
+    assert main(["train", cfg, f"logging.run_dir={run}", "train.max_steps=6", "logging.progress=false",
+                 "checkpoint.at_end=true"]) == 0
+    state = load(run / "checkpoints" / "step_00000006.pt")
+    masks = state["sparsifier"]["masks"]
+    assert len(masks) == 54
+    total = sum(m.numel() for m in masks.values())
+    assert abs(sum(int(m.sum()) for m in masks.values()) / total - 0.1) < 1e-3
+    assert state["sparsifier"]["last_update"]["step"] == 5
+    for name, m in masks.items():
+        assert torch.count_nonzero(state["model"][name][~m]) == 0, name
