@@ -62,3 +62,24 @@ class PlanNet(nn.Module):
 
 def plan_net(num_classes: int = 10) -> PlanNet:
     return PlanNet(num_classes)
+
+
+class NoBNCNN(nn.Module):
+    """TinyCNN without BatchNorm: per-rank batch statistics would differ from one big batch."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1, bias=False)
+        self.fc1 = nn.Linear(16 * 4 * 4, 32)
+        self.fc2 = nn.Linear(32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv1(x))
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+
+def make_nobn(seed: int = 0, dtype: torch.dtype = torch.float64) -> NoBNCNN:
+    torch.manual_seed(seed)
+    return NoBNCNN().to(dtype)

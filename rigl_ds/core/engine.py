@@ -17,8 +17,11 @@ from .layers import MaskedLayer
 class Engine(Protocol):
     """What :class:`rigl_ds.core.sparsifier.Sparsifier` needs from a training engine."""
 
-    def bind(self, layers: Sequence[MaskedLayer], masks: Mapping[str, Tensor]) -> None:
-        """Remember the masks; the sparsifier changes them in place from now on."""
+    def bind(self, layers: Sequence[MaskedLayer], masks: Mapping[str, Tensor],
+             dense_grad_wanted: Callable[[], bool]) -> None:
+        """Remember the masks (the sparsifier changes them in place from now on) and a callable
+        telling, during backward, whether this step's dense gradient is needed (else gradients
+        may be masked before or during the all-reduce)."""
 
     def weight(self, name: str) -> Tensor:
         """The full weight of a masked layer (read only; its device is where masks live)."""
@@ -40,7 +43,10 @@ class Engine(Protocol):
         """Zero all bound weights under their masks, in place."""
 
     def sync_masks(self, masks: Mapping[str, Tensor]) -> None:
-        """Make ``masks`` identical on every rank (broadcast from rank 0 or verify)."""
+        """Make ``masks`` identical on every rank (broadcast from rank 0, or verify), then check them."""
+
+    def check_masks(self, masks: Mapping[str, Tensor]) -> None:
+        """Raise naming the first layer whose mask differs between ranks (a cheap checksum all-reduce)."""
 
     def optimizer_keeps_zeros(self) -> bool:
         """True when the optimizer provably leaves a weight at 0 whose gradient and state are 0."""

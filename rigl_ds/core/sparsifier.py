@@ -128,7 +128,7 @@ class Sparsifier:
             masks[layer.name] = flat.view(layer.shape).to(device)
         self.engine.sync_masks(masks)
         self.masks = masks
-        self.engine.bind(self.layers, self.masks)
+        self.engine.bind(self.layers, self.masks, self.wants_dense_grad)
         for name, mask in self.masks.items():
             self.engine.apply_mask(name, mask)
             self.engine.reset_optimizer_state(name, mask)
@@ -158,6 +158,11 @@ class Sparsifier:
     def layer_densities(self) -> dict[str, float]:
         """Exact density of each masked layer (nnz / numel)."""
         return {l.name: self.nnz[l.name] / l.numel for l in self.layers}
+
+    def wants_dense_grad(self) -> bool:
+        """Does the current step's dense gradient feed a grow score? (Engines ask this during
+        backward: on other steps gradients may be masked before or during the all-reduce.)"""
+        return self.needs_dense_grad and (self._pending is not None or self.schedule.accumulates(self._step))
 
     def is_update_step(self, t: int | None = None) -> bool:
         """Will step ``t`` (default: the next one) update the masks?"""
@@ -191,10 +196,11 @@ class Sparsifier:
                 self._update(t, due_at, grads)
                 self._pending = None
                 updated = True
-        self._step += 1
         if updated and self.config.skip_step_on_update:
+            self._step += 1
             return False
         self.engine.mask_grads()
+        self._step += 1
         return True
 
     def _read_finite_grads(self, t: int) -> dict[str, Tensor] | None:
@@ -225,6 +231,7 @@ class Sparsifier:
     def _update(self, t: int, due_at: int, grads: Mapping[str, Tensor] | None) -> None:
         """Drop/grow every layer with f(due_at), sync the masks, apply them to weights and state."""
         fraction = self.schedule.drop_fraction(due_at)
+        self.engine.check_masks(self.masks)      # the masks we start from agree on every rank
         new_masks: dict[str, Tensor] = {}
         for layer in self.layers:
             name, mask = layer.name, self.masks[layer.name]

@@ -25,6 +25,7 @@ class LocalEngine:
         self._params: dict[str, nn.Parameter] = dict(model.named_parameters(remove_duplicate=True))
         self._pairs: list[tuple[nn.Parameter, Tensor]] = []
         self._hooks: list = []
+        self.dense_grad_wanted: Callable[[], bool] = lambda: True
 
     def _param(self, name: str) -> nn.Parameter:
         try:
@@ -32,8 +33,12 @@ class LocalEngine:
         except KeyError:
             raise KeyError(f"no parameter named {name!r} in the model") from None
 
-    def bind(self, layers: Sequence[MaskedLayer], masks: Mapping[str, Tensor]) -> None:
+    def bind(self, layers: Sequence[MaskedLayer], masks: Mapping[str, Tensor],
+             dense_grad_wanted: Callable[[], bool] = lambda: True) -> None:
         self._pairs = [(self._param(l.name), masks[l.name]) for l in layers]
+        self._layers = list(layers)
+        self._masks = masks
+        self.dense_grad_wanted = dense_grad_wanted
 
     def weight(self, name: str) -> Tensor:
         return self._param(name).detach()
@@ -67,6 +72,9 @@ class LocalEngine:
 
     def sync_masks(self, masks: Mapping[str, Tensor]) -> None:
         """One process: nothing to synchronise."""
+
+    def check_masks(self, masks: Mapping[str, Tensor]) -> None:
+        """One process: nothing to compare."""
 
     def optimizer_keeps_zeros(self) -> bool:
         return self.optimizer is None or type(self.optimizer) in ZERO_PRESERVING_OPTIMIZERS

@@ -1,0 +1,163 @@
+"""DDP on 2 gloo ranks: same masks as one process, invariants on every rank, packed all-reduce."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rigl_ds import RigL
+from tests.distributed.harness import run_ranks
+from tests.helpers import batch, make_nobn
+
+pytestmark = pytest.mark.distributed
+
+STEPS, DELTA = 30, 5
+
+
+def check_invariants(model, opt, sp):
+    params = dict(model.named_parameters())
+    for name, mask in sp.masks.items():
+        w = params[name]
+        assert int(mask.sum()) == sp.nnz[name], name
+        assert torch.count_nonzero(w.detach()[~mask]) == 0, name
+        for key, st in opt.state.get(w, {}).items():
+            if torch.is_tensor(st) and st.shape == w.shape:
+                assert torch.count_nonzero(st[~mask]) == 0, (name, key)
+
+
+def single_process():
+    model = make_nobn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    sp = RigL(model, opt, total_steps=STEPS, sparsity=0.8, delta=DELTA, grad_accumulation_n=2)
+    masks = []
+    for t in range(STEPS):
+        x, y = batch(t, dtype=torch.float64)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        if sp.step():
+            opt.step()
+        if sp.last_update and sp.last_update["step"] == t:
+            masks.append({n: m.clone() for n, m in sp.masks.items()})
+    return masks, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def ddp_worker(rank, world, packed):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from rigl_ds.engines.ddp import DDPEngine
+
+    model = make_nobn(seed=rank)            # different init per rank: DDP broadcasts rank 0's
+    ddp = DDP(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    engine = DDPEngine(ddp, opt, packed_allreduce=packed)
+    sp = RigL(model, opt, total_steps=STEPS, sparsity=0.8, delta=DELTA, grad_accumulation_n=2, engine=engine)
+    masks, traffic = [], []
+    for t in range(STEPS):
+        x, y = batch(t, dtype=torch.float64)
+        half = x.shape[0] // world
+        xs, ys = x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]
+        opt.zero_grad()
+        if engine.comm:
+            engine.comm.reset_counters()
+        F.cross_entropy(ddp(xs), ys).backward()
+        dense_wanted = sp.wants_dense_grad()
+        if sp.step():
+            opt.step()
+        check_invariants(model, opt, sp)
+        if engine.comm:
+            traffic.append((t, dense_wanted, engine.comm.bytes_this_step, engine.comm.dense_bytes_this_step))
+        if sp.last_update and sp.last_update["step"] == t:
+            masks.append({n: m.clone() for n, m in sp.masks.items()})
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return masks, weights, traffic, sp.global_density
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["dense-allreduce", "packed-allreduce"])
+def test_ddp_two_ranks_equal_single_process(packed):
+    ref_masks, ref_w = single_process()
+    results = run_ranks(ddp_worker, packed)
+    assert len(ref_masks) == (STEPS * 3 // 4 - 1) // DELTA == 4
+    for masks, weights, traffic, density in results:
+        assert len(masks) == len(ref_masks)
+        for got, want in zip(masks, ref_masks):
+            for n in want:
+                assert torch.equal(got[n], want[n]), n
+        for n, w in ref_w.items():
+            torch.testing.assert_close(weights[n], w, rtol=1e-9, atol=1e-12)
+    # both ranks hold bit-identical weights
+    for n in ref_w:
+        assert torch.equal(results[0][1][n], results[1][1][n])
+    if packed:
+        traffic = results[0][2]
+        ordinary = [(b, d) for _, wanted, b, d in traffic if not wanted]
+        dense = [(b, d) for _, wanted, b, d in traffic if wanted]
+        assert len(dense) == 8 and all(b == d for b, d in dense)   # steps feeding the 4 updates: dense
+        masked_numel = sum(m.numel() for m in ref_masks[0].values())
+        total_numel = sum(w.numel() for w in ref_w.values())
+        active = results[0][3] * masked_numel + (total_numel - masked_numel)
+        for b, d in ordinary:
+            assert d == total_numel * 8
+            assert b == active * 8                                     # exactly the active entries
+        print(f"\npacked all-reduce: {ordinary[0][0]} of {ordinary[0][1]} bytes per ordinary step "
+              f"({ordinary[0][0] / ordinary[0][1]:.3f}; masked-layer density {results[0][3]:.3f})")
+
+
+def packed_vs_dense_worker(rank, world):
+    """Ordinary steps only (no updates): packed and dense all-reduce give bit-identical training."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from rigl_ds.core import Static
+    from rigl_ds.engines.ddp import DDPEngine
+
+    out = []
+    for packed in (False, True):
+        model = make_nobn()
+        ddp = DDP(model)
+        opt = torch.optim.Adam(ddp.parameters(), lr=1e-2)
+        sp = Static(model, opt, total_steps=20, sparsity=0.9,
+                    engine=DDPEngine(ddp, opt, packed_allreduce=packed))
+        for t in range(20):
+            x, y = batch(t, dtype=torch.float64)
+            opt.zero_grad()
+            F.cross_entropy(ddp(x[rank::2]), y[rank::2]).backward()
+            if sp.step():
+                opt.step()
+        out.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    return out
+
+
+def test_packed_allreduce_is_bit_identical_to_dense():
+    for dense, packed in run_ranks(packed_vs_dense_worker):
+        for n in dense:
+            assert torch.equal(dense[n], packed[n]), n
+
+
+def corrupt_worker(rank, world, mode):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from rigl_ds.engines.ddp import DDPEngine
+    from rigl_ds.engines.dist_utils import MaskDivergenceError
+
+    model = make_nobn()
+    ddp = DDP(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
+    engine = DDPEngine(ddp, opt, mask_sync=mode)
+    sp = RigL(model, opt, total_steps=40, sparsity=0.8, delta=5, engine=engine)
+    if rank == 1:                       # flip one active and one inactive entry of fc1's mask
+        m = sp.masks["fc1.weight"].view(-1)
+        on, off = int(m.nonzero()[0]), int((~m).nonzero()[0])
+        m[on], m[off] = False, True
+    try:
+        for t in range(6):               # step 5 is an update step: it checks the masks first
+            x, y = batch(t, dtype=torch.float64)
+            opt.zero_grad()
+            F.cross_entropy(ddp(x[rank::2]), y[rank::2]).backward()
+            if sp.step():
+                opt.step()
+    except MaskDivergenceError as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.parametrize("mode", ["broadcast", "verify"])
+def test_corrupted_mask_on_one_rank_is_detected(mode):
+    for msg in run_ranks(corrupt_worker, mode):
+        assert msg is not None and "fc1.weight" in msg and "differ between ranks" in msg
