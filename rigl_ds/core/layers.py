@@ -76,9 +76,11 @@ def select_layers(
         if not all(eligible(n, m) for n, m in owners[id(weight)]):
             continue
         pname = first_name[id(weight)]
-        if weight.dim() < 2:
+        # a ZeRO-3 partitioned parameter keeps its full shape in ``ds_shape``
+        shape = tuple(getattr(weight, "ds_shape", None) or weight.shape)
+        if len(shape) < 2:
             raise ValueError(
-                f"cannot mask {pname!r}: its weight has shape {tuple(weight.shape)}, masks need a "
+                f"cannot mask {pname!r}: its weight has shape {shape}, masks need a "
                 "weight of at least 2 dimensions (remove it from 'include')"
             )
         seen.add(id(weight))
@@ -87,7 +89,7 @@ def select_layers(
             MaskedLayer(
                 name=pname,
                 module_name=owner_name,
-                shape=tuple(weight.shape),
+                shape=shape,
                 is_conv=isinstance(module, nn.modules.conv._ConvNd),
             )
         )

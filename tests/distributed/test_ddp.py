@@ -23,13 +23,13 @@ def check_invariants(model, opt, sp):
                 assert torch.count_nonzero(st[~mask]) == 0, (name, key)
 
 
-def single_process():
-    model = make_nobn()
+def single_process(dtype=torch.float64):
+    model = make_nobn(dtype=dtype)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
     sp = RigL(model, opt, total_steps=STEPS, sparsity=0.8, delta=DELTA, grad_accumulation_n=2)
     masks = []
     for t in range(STEPS):
-        x, y = batch(t, dtype=torch.float64)
+        x, y = batch(t, dtype=dtype)
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         if sp.step():

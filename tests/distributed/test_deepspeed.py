@@ -1,0 +1,93 @@
+"""DeepSpeed ZeRO 0-3 on 2 gloo ranks: same masks as one process, invariants on every rank.
+
+DeepSpeed reduces only fp16/bf16/fp32 gradients, so these runs are fp32 (the DDP tests use
+float64). The runs are deterministic (fixed seeds, 2-rank gloo sums), and the masks compared
+here were checked to be decided by gaps far above fp32 rounding (see test_ddp for float64)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rigl_ds import RigL
+from tests.distributed.harness import run_ranks
+from tests.distributed.test_ddp import DELTA, STEPS, single_process
+from tests.helpers import batch, make_nobn
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+
+def full_module_weight(p, stage):
+    import deepspeed
+
+    if stage < 3:
+        return p.detach().clone()
+    with deepspeed.zero.GatheredParameters([p]):
+        return p.detach().clone()
+
+
+def check_ds_invariants(adapter, sp, stage):
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    for name, mask in sp.masks.items():
+        p = adapter._param(name)
+        assert int(mask.sum()) == sp.nnz[name], name
+        w = full_module_weight(p, stage)
+        assert torch.count_nonzero(w[~mask]) == 0, (name, "module weight")
+        master = safe_get_full_fp32_param(p)
+        if master is not None:
+            assert torch.count_nonzero(master[~mask]) == 0, (name, "fp32 master")
+        direct = adapter.base_optimizer.state.get(p)
+        if direct is not None:
+            states = {k: v for k, v in direct.items() if torch.is_tensor(v) and v.shape == p.shape}
+        else:
+            states = {k: safe_get_full_optimizer_state(p, k) for k in adapter._state_keys()}
+        assert states, (name, "no optimizer state found")
+        for k, s in states.items():
+            assert torch.count_nonzero(s[~mask]) == 0, (name, k)
+
+
+def ds_worker(rank, world, stage):
+    import deepspeed
+
+    from rigl_ds.engines.deepspeed import DeepSpeedEngineAdapter
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    model = make_nobn(dtype=torch.float32)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    cfg = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1, "steps_per_print": 10**9,
+           "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
+           "wall_clock_breakdown": False}
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+    adapter = DeepSpeedEngineAdapter(engine, opt)
+    sp = RigL(engine.module, opt, total_steps=STEPS, sparsity=0.8, delta=DELTA, grad_accumulation_n=2,
+              engine=adapter)
+    masks = []
+    for t in range(STEPS):
+        x, y = batch(t, dtype=torch.float32)
+        half = x.shape[0] // world
+        loss = F.cross_entropy(engine(x[rank * half:(rank + 1) * half]), y[rank * half:(rank + 1) * half])
+        engine.backward(loss)
+        assert engine.is_gradient_accumulation_boundary()
+        adapter.step(apply=sp.step())
+        check_ds_invariants(adapter, sp, stage)
+        if sp.last_update and sp.last_update["step"] == t:
+            masks.append({n: m.clone() for n, m in sp.masks.items()})
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    weights = {}
+    for n, p in engine.module.named_parameters():
+        master = safe_get_full_fp32_param(p)
+        weights[n] = (master if master is not None else p.detach()).clone()
+    return masks, weights
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_deepspeed_two_ranks_equal_single_process(stage):
+    ref_masks, ref_w = single_process(torch.float32)
+    results = run_ranks(ds_worker, stage)
+    for masks, weights in results:
+        assert len(masks) == len(ref_masks) == 4
+        for got, want in zip(masks, ref_masks):
+            for n in want:
+                assert torch.equal(got[n], want[n]), (stage, n)
+        for n, w in ref_w.items():
+            torch.testing.assert_close(weights[n].to(w.dtype), w, rtol=1e-4, atol=1e-5)
