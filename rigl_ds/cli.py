@@ -27,9 +27,11 @@ def _user_errors():
     from rigl_ds.checkpoint import CheckpointError
     from rigl_ds.config import ConfigError
     from rigl_ds.data import DataError
+    from rigl_ds.engines.dist_utils import MaskDivergenceError
+    from rigl_ds.engines.runtime import EngineError
     from rigl_ds.train import RunError
 
-    return (ConfigError, DataError, RunError, CheckpointError)
+    return (ConfigError, DataError, RunError, CheckpointError, EngineError, MaskDivergenceError)
 
 
 def _load(args) -> "ExperimentConfig":  # noqa: F821
@@ -39,12 +41,11 @@ def _load(args) -> "ExperimentConfig":  # noqa: F821
 
 
 def cmd_train(args) -> int:
-    from rigl_ds.train import Trainer
+    from rigl_ds.train import train
 
     cfg = _load(args)
     try:
-        trainer = Trainer(cfg)
-        result = trainer.run()
+        result = train(cfg)
     except _user_errors() as e:
         if cfg.logging.run_dir:          # an explicit run directory gets the error log, nothing else
             run_dir = pathlib.Path(cfg.logging.run_dir)

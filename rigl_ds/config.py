@@ -146,7 +146,10 @@ class TrainSection(_Strict):
 
 
 class EngineSection(_Strict):
-    name: Literal["local"] = "local"
+    name: Literal["local", "ddp", "deepspeed"] = "local"
+    deepspeed_config: Optional[str] = None          # DeepSpeed JSON (no RigL keys in it)
+    packed_allreduce: bool = True                   # ddp: all-reduce only active gradient entries
+    mask_sync: Literal["broadcast", "verify"] = "broadcast"
 
 
 class PrecisionSection(_Strict):
@@ -312,6 +315,12 @@ def semantic_problems(cfg: ExperimentConfig, source: str) -> list[str]:
     if cfg.data.name == "imagefolder" and not cfg.data.path:
         out.append(f"{source}: data.path: required for data.name={cfg.data.name!r} "
                    "(or set the environment variable RIGL_DS_DATA)")
+    if cfg.engine.name == "deepspeed" and not cfg.engine.deepspeed_config:
+        out.append(f"{source}: engine.deepspeed_config: required for engine.name='deepspeed' "
+                   "(e.g. ds_configs/zero2_fp32.json)")
+    if cfg.engine.name == "deepspeed" and cfg.train.clip_grad_norm:
+        out.append(f"{source}: train.clip_grad_norm: not used with DeepSpeed; set 'gradient_clipping' "
+                   "in the DeepSpeed JSON instead")
     if cfg.lr_schedule.name == "step" and not cfg.lr_schedule.step_epochs:
         out.append(f"{source}: lr_schedule.step_epochs: required for lr_schedule.name='step'")
     return out

@@ -86,8 +86,9 @@ def accuracy(logits: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...] = (
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable, device: torch.device, autocast, channels_last: bool) -> dict[str, float]:
-    """Top-1/top-5 accuracy and loss over ``batches``."""
+def evaluate(model: nn.Module, batches: Iterable, device: torch.device, autocast, channels_last: bool,
+             reduce=lambda t: t) -> dict[str, float]:
+    """Top-1/top-5 accuracy and loss over ``batches`` (``reduce`` sums the counts over ranks)."""
     was = model.training
     model.eval()
     n = 0
@@ -106,8 +107,10 @@ def evaluate(model: nn.Module, batches: Iterable, device: torch.device, autocast
         c5 += a5
         n += y.numel()
     model.train(was)
-    n = max(n, 1)
-    return {"top1": c1.item() / n, "top5": c5.item() / n, "loss": loss.item() / n, "count": n}
+    totals = reduce(torch.stack([c1, c5, loss, torch.tensor(float(n), device=device)]).double())
+    c1, c5, loss, n = totals.tolist()
+    n = max(int(n), 1)
+    return {"top1": c1 / n, "top5": c5 / n, "loss": loss / n, "count": n}
 
 
 def resolve_run_dir(cfg: ExperimentConfig) -> pathlib.Path:
@@ -152,12 +155,12 @@ def schedule_lengths(cfg: ExperimentConfig, info: DataInfo, world: int = 1) -> t
 
 
 def build_experiment(cfg: ExperimentConfig, *, with_data: bool = True, device: torch.device | None = None,
-                     meta: bool = False) -> Experiment:
-    """Build data, model, optimizer and sparsifier (no files written)."""
+                     meta: bool = False, rank: int = 0, world: int = 1, with_sparsifier: bool = True) -> Experiment:
+    """Build data, model (and, single-process, optimizer and sparsifier); no files written."""
     seed_everything(cfg.train.seed, cfg.train.deterministic)
-    data = build_data(cfg.data, seed=cfg.train.seed) if with_data else None
+    data = build_data(cfg.data, seed=cfg.train.seed, rank=rank, world=world) if with_data else None
     info = data.info if data is not None else describe_data(cfg.data)
-    spe, total = schedule_lengths(cfg, info)
+    spe, total = schedule_lengths(cfg, info, world)
     device = device or (torch.device("meta") if meta else pick_device())
     with device if meta else nullcontext():
         model = build_model(cfg.model, info.num_classes, info.input_shape)
@@ -167,7 +170,7 @@ def build_experiment(cfg: ExperimentConfig, *, with_data: bool = True, device: t
             model = model.to(memory_format=torch.channels_last)
     exp = Experiment(cfg=cfg, info=info, model=model, steps_per_epoch=spe, total_steps=total, data=data,
                      device=device)
-    if meta:
+    if meta or not with_sparsifier:
         return exp
     exp.optimizer = build_optimizer(cfg, model)
     if cfg.sparsity.method != "dense":
@@ -183,19 +186,35 @@ class Trainer:
     """Runs an :class:`Experiment`: the loop, logging, evaluation and checkpoints."""
 
     def __init__(self, cfg: ExperimentConfig) -> None:
+        from rigl_ds.engines.runtime import build_runtime, init_distributed
+
         self.cfg = cfg
         if cfg.precision.dtype == "fp16" and not torch.cuda.is_available():
             raise RunError("precision.dtype='fp16' needs a CUDA GPU; use 'fp32' (or 'bf16') on CPU")
-        self.exp = build_experiment(cfg)
-        self.model, self.optimizer, self.sparsifier = self.exp.model, self.exp.optimizer, self.exp.sparsifier
+        rank, world = 0, 1
+        if cfg.engine.name != "local":
+            init_distributed(cfg.engine.name)
+            import torch.distributed as dist
+
+            rank, world = dist.get_rank(), dist.get_world_size()
+        self.exp = build_experiment(cfg, rank=rank, world=world, with_sparsifier=False)
         self.data, self.device = self.exp.data, self.exp.device
+        self.rt = build_runtime(cfg, self.exp.model, lambda m: build_optimizer(cfg, m), self.device)
+        self.model, self.optimizer = self.rt.module, self.rt.optimizer
+        self.is_main = self.rt.rank == 0
+        self.sparsifier: Sparsifier | None = None
+        if cfg.sparsity.method != "dense":
+            try:
+                self.sparsifier = build_sparsifier(self.model, self.optimizer, cfg.sparsity.to_core(cfg.train.seed),
+                                                   total_steps=self.exp.total_steps, engine=self.rt.sparse_engine())
+            except ValueError as e:
+                raise RunError(f"sparsity: {e}") from None
         spe, total = self.exp.steps_per_epoch, self.exp.total_steps
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(cfg, s, total, spe))
         use_amp = cfg.precision.dtype in ("bf16", "fp16")
         amp_dtype = torch.bfloat16 if cfg.precision.dtype == "bf16" else torch.float16
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=amp_dtype)) if use_amp else nullcontext
-        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.precision.dtype == "fp16" else None
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
         self.mix_gen = torch.Generator().manual_seed(cfg.train.seed + 7)   # mixup permutations
         self.mix_rng = np.random.default_rng(cfg.train.seed + 7)             # mixup lambdas
@@ -204,7 +223,7 @@ class Trainer:
         self.cum_flops = {"sparse": 0.0, "dense": 0.0}
         # running sums of the current logging window (saved, so a resumed run logs the same values)
         self.window: dict[str, Any] = {"loss_sum": 0.0, "correct1": 0.0, "correct5": 0.0, "n": 0}
-        self.run_dir = resolve_run_dir(cfg)
+        self.run_dir = pathlib.Path(self.rt.broadcast_object(str(resolve_run_dir(cfg))))
 
     # -------------------------------------------------------------- setup
     def _flops(self) -> dict[str, float]:
@@ -214,26 +233,34 @@ class Trainer:
         return {"dense": f.dense, "sparse": f.sparse}
 
     def _prepare_run_dir(self) -> None:
-        cdir = self.run_dir / "checkpoints"
-        found = ckpt.list_checkpoints(cdir)
+        found = self.rt.list_checkpoints(self.run_dir / "checkpoints")
         if self.cfg.resume is None and found:
             raise RunError(f"run directory {self.run_dir} already holds checkpoints ({found[-1].name}); "
                            "pass resume=auto to continue it, or set logging.run_dir to a new folder")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
+        self.rt.barrier()
 
     def _resume(self) -> None:
         if self.cfg.resume is None:
             return
         if self.cfg.resume == "auto":
-            latest = ckpt.load_latest(self.run_dir / "checkpoints")
-            if latest is None:
+            found = self.rt.list_checkpoints(self.run_dir / "checkpoints")
+            if not found:
                 logger.info("resume=auto: no checkpoint in %s, starting from step 0", self.run_dir)
                 return
-            path, state = latest
+            candidates = list(reversed(found))
         else:
-            path = pathlib.Path(self.cfg.resume)
-            state = ckpt.load(path)
+            candidates = [pathlib.Path(self.cfg.resume)]
+        for i, path in enumerate(candidates):
+            try:
+                state = self.rt.load(path)
+                break
+            except ckpt.CheckpointError as e:
+                if i == len(candidates) - 1:
+                    raise
+                logger.warning("%s; trying an older one", e)
         self.load_state(state)
         logger.info("resumed from %s at step %d", path, self.step)
 
@@ -243,11 +270,8 @@ class Trainer:
         return {
             "step": self.step,
             "data": {"epoch": self.step // spe, "batch": (self.step % spe) * self.cfg.train.grad_accumulation},
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "sparsifier": self.sparsifier.state_dict() if self.sparsifier else None,
-            "scaler": self.scaler.state_dict() if self.scaler else None,
             "rng": ckpt.rng_state(),
             "mix_gen": self.mix_gen.get_state(),
             "mix_rng": self.mix_rng.bit_generator.state,
@@ -257,15 +281,13 @@ class Trainer:
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        """Restore what :meth:`state` saved (the runtime has restored model and optimizer)."""
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         if self.sparsifier is not None:
             if state.get("sparsifier") is None:
                 raise RunError("the checkpoint was saved without a sparsifier (a dense run)")
-            self.sparsifier.load_state_dict(state["sparsifier"])
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
+            # the optimizer state was saved together with these masks, so it is zero under them
+            self.sparsifier.load_state_dict(state["sparsifier"], reset_optimizer_state=self.rt.name != "deepspeed")
         ckpt.set_rng_state(state["rng"])
         self.mix_gen.set_state(state["mix_gen"])
         self.mix_rng.bit_generator.state = state["mix_rng"]
@@ -274,11 +296,7 @@ class Trainer:
         self.step = int(state["step"])
 
     def save(self) -> pathlib.Path:
-        cdir = self.run_dir / "checkpoints"
-        path = ckpt.checkpoint_path(cdir, self.step)
-        ckpt.save_atomic(self.state(), path)
-        ckpt.rotate(cdir, self.cfg.checkpoint.keep_last)
-        return path
+        return self.rt.save(self.state(), self.run_dir / "checkpoints", self.step, self.cfg.checkpoint.keep_last)
 
     # -------------------------------------------------------------- one step
     def _loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -288,51 +306,46 @@ class Trainer:
             perm = torch.randperm(x.shape[0], generator=self.mix_gen).to(x.device)
             x = lam * x + (1 - lam) * x[perm]
             with self.autocast():
-                out = self.model(x)
+                out = self.rt.forward_model(x)
             loss = lam * self.criterion(out.float(), y) + (1 - lam) * self.criterion(out.float(), y[perm])
             return loss, out
         with self.autocast():
-            out = self.model(x)
+            out = self.rt.forward_model(x)
         return self.criterion(out.float(), y), out
 
     def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Forward/backward over the micro-batches, sparsifier, optimizer step, LR step."""
         accum = len(micro_batches)
-        self.optimizer.zero_grad(set_to_none=True)
+        rt = self.rt
+        rt.zero_grad()
         loss_sum = torch.zeros((), device=self.device)
         correct1 = torch.zeros((), device=self.device)
         correct5 = torch.zeros((), device=self.device)
         n = 0
-        for x, y in micro_batches:
+        for i, (x, y) in enumerate(micro_batches):
+            last = i == accum - 1
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             if self.cfg.model.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            loss, out = self._loss(x, y)
-            scaled = loss / accum
-            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            with rt.no_sync(last):
+                loss, out = self._loss(x, y)
+                rt.backward(loss, accum)
+            if not last:
+                rt.micro_step()
             loss_sum += loss.detach() * y.numel()
             a1, a5 = accuracy(out.detach(), y)
             correct1 += a1
             correct5 += a5
             n += y.numel()
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        if self.cfg.train.clip_grad_norm:
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.clip_grad_norm)
+        rt.before_sparsifier(self.cfg.train.clip_grad_norm)
         dense_step = self.sparsifier is not None and self.sparsifier.is_update_step() and \
             self.sparsifier.needs_dense_grad
-        do_step = self.sparsifier.step() if self.sparsifier is not None else True
-        if do_step:
-            if self.scaler is not None:
-                self.scaler.step(self.optimizer)
-            else:
-                self.optimizer.step()
-        if self.scaler is not None:
-            self.scaler.update()
+        apply = self.sparsifier.step() if self.sparsifier is not None else True
+        rt.step(apply)
         self.lr_scheduler.step()
-        f = self.flops
-        self.cum_flops["dense"] += 3 * f["dense"] * n
-        self.cum_flops["sparse"] += ((2 * f["sparse"] + f["dense"]) if dense_step else 3 * f["sparse"]) * n
+        f, n_all = self.flops, n * rt.world
+        self.cum_flops["dense"] += 3 * f["dense"] * n_all
+        self.cum_flops["sparse"] += ((2 * f["sparse"] + f["dense"]) if dense_step else 3 * f["sparse"]) * n_all
         self.step += 1
         return {"loss_sum": loss_sum, "correct1": correct1, "correct5": correct5, "n": torch.tensor(n)}
 
@@ -355,11 +368,12 @@ class Trainer:
         stop = min(total, cfg.train.max_steps) if cfg.train.max_steps else total
         accum = cfg.train.grad_accumulation
         eval_every = max(1, int(round(cfg.train.eval_every_epochs * spe)))
-        writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step) if cfg.logging.tensorboard else None
+        writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step) \
+            if cfg.logging.tensorboard and self.is_main else None
         if writer is not None and self.step == 0:
             writer.add_text("config", "```\n" + to_yaml(cfg) + "\n```", 0)
             self._log_density(writer, 0)
-        bar = tqdm(total=stop, initial=self.step, disable=not cfg.logging.progress, dynamic_ncols=True,
+        bar = tqdm(total=stop, initial=self.step, disable=not (cfg.logging.progress and self.is_main), dynamic_ncols=True,
                    desc=cfg.name, unit="step")
         window = self.window
         window_t0 = time.perf_counter()
@@ -399,7 +413,9 @@ class Trainer:
             "train_flops_ratio": self.cum_flops["sparse"] / max(self.cum_flops["dense"], 1.0),
             "seconds": time.perf_counter() - t_start,
         }
-        (self.run_dir / "result.json").write_text(json.dumps(result, indent=2))
+        if self.is_main:
+            (self.run_dir / "result.json").write_text(json.dumps(result, indent=2))
+        self.rt.barrier()
         return result
 
     # -------------------------------------------------------------- reporting
@@ -429,12 +445,13 @@ class Trainer:
 
     def _log_window(self, writer, bar, window, t0):
         now = time.perf_counter()
-        n = int(window["n"])
+        keys = ("loss_sum", "correct1", "correct5", "n")
+        sums = self.rt.all_reduce_sum(torch.tensor([float(window[k]) for k in keys], dtype=torch.float64,
+                                                   device=self.device)).tolist()
+        n = int(sums[3])
         if n == 0:
             return window, t0
-        loss = float(window["loss_sum"]) / n
-        top1 = float(window["correct1"]) / n
-        top5 = float(window["correct5"]) / n
+        loss, top1, top5 = sums[0] / n, sums[1] / n, sums[2] / n
         ips = n / max(now - t0, 1e-9)
         lr = self.optimizer.param_groups[0]["lr"]
         density = self.global_density()
@@ -452,7 +469,8 @@ class Trainer:
         return {"loss_sum": 0.0, "correct1": 0.0, "correct5": 0.0, "n": 0}, now
 
     def _eval(self, writer) -> dict[str, float]:
-        res = evaluate(self.model, self.data.val_batches(), self.device, self.autocast, self.cfg.model.channels_last)
+        res = evaluate(self.model, self.data.val_batches(), self.device, self.autocast, self.cfg.model.channels_last,
+                       reduce=self.rt.all_reduce_sum)
         if writer is not None:
             writer.add_scalar("eval/top1", res["top1"], self.step)
             writer.add_scalar("eval/top5", res["top5"], self.step)
@@ -463,4 +481,7 @@ class Trainer:
 
 def train(cfg: ExperimentConfig) -> dict[str, Any]:
     """Build and run an experiment; returns the final metrics (also written to result.json)."""
-    return Trainer(cfg).run()
+    trainer = Trainer(cfg)
+    result = trainer.run()
+    trainer.rt.close()
+    return result

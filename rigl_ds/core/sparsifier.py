@@ -279,11 +279,14 @@ class Sparsifier:
             "last_update": self.last_update,
         }
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any], *, reset_optimizer_state: bool = True) -> None:
         """Restore a :meth:`state_dict`; weights are re-zeroed under the loaded masks.
 
         Load the model and optimizer state first. Masks must match this model's masked layers,
         shapes, dtype and active counts, otherwise a ``ValueError`` names the first mismatch.
+        ``reset_optimizer_state=False`` trusts the loaded optimizer state to be zero under the
+        masks (it is, when it was saved with them: DeepSpeed links its optimizer state only at
+        the next step after a load).
         """
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"sparsifier state version {state.get('version')!r} is not {STATE_VERSION}")
@@ -306,7 +309,8 @@ class Sparsifier:
         for layer in self.layers:
             self.masks[layer.name].copy_(masks[layer.name])
             self.engine.apply_mask(layer.name, self.masks[layer.name])
-            self.engine.reset_optimizer_state(layer.name, self.masks[layer.name])
+            if reset_optimizer_state:
+                self.engine.reset_optimizer_state(layer.name, self.masks[layer.name])
         self._step = int(state["step"])
         self._pending = state["pending"]
         self.generator.set_state(state["generator"])

@@ -1,0 +1,308 @@
+"""What the one training loop needs from an engine: forward, backward, step, ranks, checkpoints.
+
+``build_runtime`` wraps a model and optimizer for ``engine.name`` = local | ddp | deepspeed and
+gives the core the matching mask adapter. The loop is the same for all three.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import logging
+import os
+import pathlib
+import shutil
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from rigl_ds import checkpoint as ckpt
+
+logger = logging.getLogger(__name__)
+
+
+class EngineError(ValueError):
+    """An engine that cannot be set up as configured; the message names the setting."""
+
+
+def _env_rank() -> tuple[int, int, int]:
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def _device(local_rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+class LocalRuntime:
+    """One process; also the base of DDP (same optimizer, scaler and checkpoint files)."""
+
+    name = "local"
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
+                 scaler: torch.amp.GradScaler | None = None) -> None:
+        self.module, self.forward_model, self.optimizer = model, model, optimizer
+        self.device, self.scaler = device, scaler
+        self.rank, self.world = 0, 1
+
+    # ------------------------------------------------------------------ sparsifier side
+    def sparse_engine(self):
+        from .local import LocalEngine
+
+        return LocalEngine(self.module, self.optimizer)
+
+    # ------------------------------------------------------------------ the step
+    def no_sync(self, last: bool):
+        return contextlib.nullcontext()
+
+    def micro_step(self) -> None:
+        """After the backward of a micro-batch that is not the last of the step."""
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's value of ``obj`` on every rank."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        self.dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def backward(self, loss: torch.Tensor, accum: int) -> None:
+        scaled = loss / accum
+        (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+
+    def before_sparsifier(self, clip: float | None) -> None:
+        """Unscale (AMP) and clip the full gradients before the sparsifier reads them."""
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if clip:
+            nn.utils.clip_grad_norm_(self.module.parameters(), clip)
+
+    def step(self, apply: bool) -> None:
+        if apply:
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+            else:
+                self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.update()
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # ------------------------------------------------------------------ collectives
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def barrier(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    # ------------------------------------------------------------------ checkpoints
+    def list_checkpoints(self, ckpt_dir: pathlib.Path) -> list[pathlib.Path]:
+        return ckpt.list_checkpoints(ckpt_dir)
+
+    def save(self, state: dict[str, Any], ckpt_dir: pathlib.Path, step: int, keep_last: int) -> pathlib.Path:
+        """Rank 0 writes one file (atomic) holding the model and optimizer too."""
+        path = ckpt.checkpoint_path(ckpt_dir, step)
+        if self.rank == 0:
+            full = dict(state, model=self.module.state_dict(), optimizer=self.optimizer.state_dict(),
+                        scaler=self.scaler.state_dict() if self.scaler else None)
+            ckpt.save_atomic(full, path)
+            ckpt.rotate(ckpt_dir, keep_last)
+        self.barrier()
+        return path
+
+    def load(self, path: pathlib.Path) -> dict[str, Any]:
+        state = ckpt.load(path)
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        return state
+
+
+class DDPRuntime(LocalRuntime):
+    """torchrun / SLURM: ``DistributedDataParallel``, NCCL on GPUs, gloo on CPU."""
+
+    name = "ddp"
+
+    def __init__(self, model: nn.Module, optimizer_fn: Callable[[nn.Module], torch.optim.Optimizer],
+                 device: torch.device, scaler, *, packed_allreduce: bool, mask_sync: str) -> None:
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        self.dist = dist
+        ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        super().__init__(model, optimizer_fn(model), device, scaler)
+        self.ddp, self.forward_model = ddp, ddp
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.packed_allreduce, self.mask_sync = packed_allreduce, mask_sync
+
+    def sparse_engine(self):
+        from .ddp import DDPEngine
+
+        return DDPEngine(self.ddp, self.optimizer, mask_sync=self.mask_sync, packed_allreduce=self.packed_allreduce)
+
+    def no_sync(self, last: bool):
+        return contextlib.nullcontext() if last else self.ddp.no_sync()
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        self.dist.all_reduce(t)
+        return t
+
+    def barrier(self) -> None:
+        self.dist.barrier()
+
+    def close(self) -> None:
+        self.dist.barrier()
+        self.dist.destroy_process_group()
+
+
+class DeepSpeedRuntime(LocalRuntime):
+    """The ``deepspeed`` launcher: ``deepspeed.initialize`` with our torch optimizer, ZeRO 0–3."""
+
+    name = "deepspeed"
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict, *,
+                 mask_sync: str) -> None:
+        import deepspeed
+        import torch.distributed as dist
+
+        self.dist = dist
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        super().__init__(engine.module, optimizer, engine.device, None)
+        self.ds, self.forward_model = engine, engine
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.mask_sync = mask_sync
+        self._adapter = None
+
+    def sparse_engine(self):
+        from .deepspeed import DeepSpeedEngineAdapter
+
+        self._adapter = DeepSpeedEngineAdapter(self.ds, self.optimizer, mask_sync=self.mask_sync)
+        return self._adapter
+
+    def backward(self, loss: torch.Tensor, accum: int) -> None:
+        self.ds.backward(loss)               # DeepSpeed divides by gradient_accumulation_steps itself
+
+    def micro_step(self) -> None:
+        self.ds.step()                       # not a boundary: no optimizer update
+
+    def before_sparsifier(self, clip: float | None) -> None:
+        pass                                 # clipping is DeepSpeed's "gradient_clipping"
+
+    def step(self, apply: bool) -> None:
+        if self._adapter is not None:
+            self._adapter.step(apply)
+        else:
+            self.ds.step()
+
+    def zero_grad(self) -> None:
+        pass                                 # engine.step() zeroes the gradients
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        self.dist.all_reduce(t)
+        return t
+
+    def barrier(self) -> None:
+        self.dist.barrier()
+
+    def close(self) -> None:
+        self.dist.barrier()
+
+    # DeepSpeed checkpoints are folders written by every rank; a "complete" marker makes them valid.
+    def list_checkpoints(self, ckpt_dir: pathlib.Path) -> list[pathlib.Path]:
+        if not ckpt_dir.is_dir():
+            return []
+        found = [p for p in ckpt_dir.glob("step_*") if p.is_dir() and (p / "complete").is_file()]
+        return sorted(found, key=lambda p: p.name)
+
+    def save(self, state: dict[str, Any], ckpt_dir: pathlib.Path, step: int, keep_last: int) -> pathlib.Path:
+        tag = f"step_{step:08d}"
+        self.ds.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"rigl_ds": state})
+        self.barrier()
+        if self.rank == 0:
+            (ckpt_dir / tag / "complete").write_text(datetime.datetime.now().isoformat())
+            for old in self.list_checkpoints(ckpt_dir)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.barrier()
+        return ckpt_dir / tag
+
+    def load(self, path: pathlib.Path) -> dict[str, Any]:
+        if not (path / "complete").is_file():
+            raise ckpt.CheckpointError(f"checkpoint {path} is not a complete DeepSpeed checkpoint folder")
+        _, client = self.ds.load_checkpoint(str(path.parent), tag=path.name)
+        if not client or "rigl_ds" not in client:
+            raise ckpt.CheckpointError(f"checkpoint {path} holds no rigl_ds state")
+        return client["rigl_ds"]
+
+
+def deepspeed_config(path: str, *, micro_batch: int, grad_accumulation: int, world: int, dtype: str) -> dict:
+    """Load a DeepSpeed JSON and fill in (or check) its batch sizes and precision from the YAML."""
+    p = pathlib.Path(path)
+    try:
+        cfg = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise EngineError(f"engine.deepspeed_config: {p} not found") from None
+    except json.JSONDecodeError as e:
+        raise EngineError(f"engine.deepspeed_config: {p} is not valid JSON: {e}") from None
+    want = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": grad_accumulation,
+            "train_batch_size": micro_batch * grad_accumulation * world}
+    problems = [f"{p}: {k}={cfg[k]} but the YAML gives {v} (data.batch_size={micro_batch}, "
+                f"train.grad_accumulation={grad_accumulation}, world size {world})"
+                for k, v in want.items() if k in cfg and cfg[k] not in (v, "auto")]
+    for key, on in (("bf16", dtype == "bf16"), ("fp16", dtype == "fp16")):
+        enabled = bool(cfg.get(key, {}).get("enabled", False))
+        if key in cfg and enabled != on:
+            problems.append(f"{p}: {key}.enabled={enabled} but precision.dtype={dtype!r}")
+        cfg.setdefault(key, {})["enabled"] = on
+    if problems:
+        raise EngineError("DeepSpeed config disagrees with the experiment:\n  " + "\n  ".join(problems))
+    cfg.update(want)
+    cfg.setdefault("steps_per_print", 10**9)
+    if cfg.get("zero_optimization", {}).get("stage", 0) > 0:
+        cfg.setdefault("zero_allow_untested_optimizer", True)
+    return cfg
+
+
+def init_distributed(engine: str) -> None:
+    """Initialise torch.distributed from the launcher's environment (NCCL on GPUs, gloo on CPU)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise EngineError(f"engine.name={engine!r} needs a launcher (torchrun or deepspeed) that sets RANK and "
+                          "WORLD_SIZE; see launch/")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    if engine == "deepspeed":
+        import deepspeed
+
+        # DeepSpeed adopts the process group made above (on CPU its own default is much slower here)
+        deepspeed.init_distributed(dist_backend=backend)
+
+
+def build_runtime(cfg, model: nn.Module, optimizer_fn: Callable[[nn.Module], torch.optim.Optimizer],
+                  device: torch.device) -> LocalRuntime:
+    """The runtime for ``cfg.engine.name``; the model is already on ``device``."""
+    name = cfg.engine.name
+    scaler = torch.amp.GradScaler(device.type) if cfg.precision.dtype == "fp16" and name != "deepspeed" else None
+    if name == "local":
+        return LocalRuntime(model, optimizer_fn(model), device, scaler)
+    if name == "ddp":
+        return DDPRuntime(model, optimizer_fn, device, scaler, packed_allreduce=cfg.engine.packed_allreduce,
+                          mask_sync=cfg.engine.mask_sync)
+    import torch.distributed as dist
+
+    ds_cfg = deepspeed_config(cfg.engine.deepspeed_config, micro_batch=cfg.data.batch_size,
+                              grad_accumulation=cfg.train.grad_accumulation, world=dist.get_world_size(),
+                              dtype=cfg.precision.dtype)
+    return DeepSpeedRuntime(model, optimizer_fn(model), ds_cfg, mask_sync=cfg.engine.mask_sync)
+

@@ -1,0 +1,107 @@
+"""The CLI under the real launchers (torchrun, deepspeed) with 2 CPU processes, gloo."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.distributed.harness import free_port
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+CFG = str(ROOT / "configs" / "quickstart_ddp.yaml")
+SHORT = ["train.epochs=2", "sparsity.delta=10", "logging.log_every=5", "logging.progress=false",
+         "checkpoint.every_steps=null"]
+
+
+def launch(script: str, *args: str, env: dict | None = None, background: bool = False):
+    e = dict(os.environ, PATH=f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}",
+             MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
+    e.update(env or {})
+    cmd = ["bash", str(ROOT / "launch" / script), *args]
+    if background:
+        return subprocess.Popen(cmd, env=e, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    p = subprocess.run(cmd, env=e, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-6000:]
+    return p
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    for k, m in a["sparsifier"]["masks"].items():
+        assert torch.equal(m, b["sparsifier"]["masks"][k]), k
+    assert a["sparsifier"]["last_update"] == b["sparsifier"]["last_update"]
+
+
+def test_torchrun_ddp_resume_and_two_nodes(tmp_path):
+    from rigl_ds.checkpoint import load
+
+    straight, split, nodes = tmp_path / "straight", tmp_path / "split", tmp_path / "nodes"
+    out = launch("torchrun.sh", CFG, *SHORT, f"logging.run_dir={straight}").stdout
+    assert "test accuracy: top-1" in out and "achieved density: 0.1000" in out
+    # stop mid-epoch at step 53, then resume=auto
+    launch("torchrun.sh", CFG, *SHORT, f"logging.run_dir={split}", "train.max_steps=53")
+    launch("torchrun.sh", CFG, *SHORT, f"logging.run_dir={split}", "resume=auto")
+    a = load(straight / "checkpoints" / "step_00000088.pt")
+    assert_same_state(a, load(split / "checkpoints" / "step_00000088.pt"))
+    assert a["sparsifier"]["last_update"]["step"] == 60
+    # two "nodes" on this machine: two torchrun launchers, node ranks 0 and 1, one process each
+    env = dict(NNODES="2", NPROC_PER_NODE="1", MASTER_PORT=str(free_port()))
+    procs = [launch("torchrun.sh", CFG, *SHORT, f"logging.run_dir={nodes}", env=dict(env, NODE_RANK=str(r)),
+                    background=True) for r in (0, 1)]
+    for p in procs:
+        out, _ = p.communicate(timeout=600)
+        assert p.returncode == 0, out[-4000:]
+    assert_same_state(a, load(nodes / "checkpoints" / "step_00000088.pt"))
+
+
+def ds_state(run: pathlib.Path, step: int) -> dict:
+    tag = run / "checkpoints" / f"step_{step:08d}"
+    assert (tag / "complete").is_file()
+    files = sorted(tag.glob("*mp_rank_00_model_states.pt"))     # ZeRO-3 prefixes zero_pp_rank_0_
+    assert files, sorted(p.name for p in tag.iterdir())
+    states = torch.load(files[0], map_location="cpu", weights_only=False)
+    return dict(states["rigl_ds"], model=states["module"])
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_deepspeed_launcher_each_zero_stage(tmp_path, stage):
+    run = tmp_path / "run"
+    out = launch("deepspeed.sh", CFG, str(ROOT / "ds_configs" / f"zero{stage}_fp32.json"), *SHORT,
+                 f"logging.run_dir={run}", "train.max_steps=25").stdout
+    assert "achieved density: 0.1000" in out
+    result = json.loads((run / "result.json").read_text())
+    assert result["steps"] == 25 and result["eval"]["count"] == 360
+    state = ds_state(run, 25)
+    masks = state["sparsifier"]["masks"]
+    assert state["sparsifier"]["last_update"]["step"] == 20
+    assert abs(sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values()) - 0.1) < 1e-3
+    if stage < 3:   # ZeRO-3 keeps the module state partitioned in its own files
+        for name, m in masks.items():
+            assert torch.count_nonzero(state["model"][name][~m]) == 0, name
+
+
+def test_deepspeed_resume_is_bit_identical(tmp_path):
+    ds = str(ROOT / "ds_configs" / "zero2_fp32.json")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    launch("deepspeed.sh", CFG, ds, *SHORT, f"logging.run_dir={straight}", "train.max_steps=40")
+    launch("deepspeed.sh", CFG, ds, *SHORT, f"logging.run_dir={split}", "train.max_steps=27")
+    launch("deepspeed.sh", CFG, ds, *SHORT, f"logging.run_dir={split}", "train.max_steps=40", "resume=auto")
+    assert_same_state(ds_state(straight, 40), ds_state(split, 40))
+
+
+def test_deepspeed_json_that_disagrees_with_the_yaml_is_refused(tmp_path):
+    bad = tmp_path / "ds.json"
+    bad.write_text(json.dumps({"train_micro_batch_size_per_gpu": 64, "zero_optimization": {"stage": 1}}))
+    e = dict(os.environ, PATH=f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}",
+             MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
+    p = subprocess.run(["bash", str(ROOT / "launch" / "deepspeed.sh"), CFG, str(bad), *SHORT,
+                        f"logging.run_dir={tmp_path / 'run'}"], env=e, cwd=ROOT, capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode != 0
+    assert "train_micro_batch_size_per_gpu=64 but the YAML gives 16" in p.stdout + p.stderr
