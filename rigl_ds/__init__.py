@@ -1,4 +1,5 @@
 """rigl_ds: RigL sparse training as a plugin for plain PyTorch, DDP, DeepSpeed and FSDP2."""
+from . import engines
 from .core import (
     SET,
     RigL,

@@ -223,6 +223,7 @@ class Trainer:
         self.cum_flops = {"sparse": 0.0, "dense": 0.0}
         # running sums of the current logging window (saved, so a resumed run logs the same values)
         self.window: dict[str, Any] = {"loss_sum": 0.0, "correct1": 0.0, "correct5": 0.0, "n": 0}
+        self.train_seconds = 0.0      # wall time inside train_step (this process, since start/resume)
         self.run_dir = pathlib.Path(self.rt.broadcast_object(str(resolve_run_dir(cfg))))
 
     # -------------------------------------------------------------- setup
@@ -385,7 +386,9 @@ class Trainer:
                 if self.step >= stop:
                     break
                 micro = [next(batches) for _ in range(accum)]
+                t0 = time.perf_counter()
                 stats = self.train_step(micro)
+                self.train_seconds += time.perf_counter() - t0
                 for k in window:
                     window[k] = window[k] + stats[k]
                 self.window = window
@@ -412,6 +415,8 @@ class Trainer:
             "eval": final, "global_density": self.global_density(),
             "train_flops_ratio": self.cum_flops["sparse"] / max(self.cum_flops["dense"], 1.0),
             "seconds": time.perf_counter() - t_start,
+            "train_step_seconds": self.train_seconds,
+            "engine": self.rt.name, "world_size": self.rt.world,
         }
         if self.is_main:
             (self.run_dir / "result.json").write_text(json.dumps(result, indent=2))

@@ -23,7 +23,7 @@ def test_every_yaml_starts_with_the_command_that_runs_it():
         if path.name.startswith("_"):
             continue
         head = path.read_text().splitlines()[:3]
-        assert head[0].startswith("#") and any("rigl-ds" in l for l in head), path
+        assert head[0].startswith("#") and any("rigl-ds " in l or "launch/" in l for l in head), path
 
 
 def test_broken_yaml_reports_every_error_with_file_and_key(tmp_path):
