@@ -36,6 +36,11 @@ class Engine(Protocol):
     def reset_optimizer_state(self, name: str, keep: Tensor) -> None:
         """Zero every per-element optimizer state of this weight where ``keep`` is False."""
 
+    def apply_update(self, name: str, old: Tensor, new: Tensor, dropped: Tensor, grown: Tensor) -> None:
+        """After ``sync_masks``: zero the weight where ``new`` is False and the optimizer state
+        where ``old & new`` is False. ``dropped`` / ``grown`` are this rank's flat positions
+        that changed (valid when ``sync_masks`` cannot alter the masks, e.g. one process)."""
+
     def mask_grads(self) -> None:
         """Hot path: zero the gradients of all bound weights under their masks, in place."""
 

@@ -12,6 +12,8 @@ the result is reproducible bit for bit on any device and any number of ranks.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -52,3 +54,92 @@ def random_mask(numel: int, nnz: int, generator: torch.Generator) -> Tensor:
     if zeros:
         mask[torch.randperm(numel, generator=generator)[:zeros]] = False
     return mask
+
+
+_SAMPLE = 32768         # sample size for the threshold estimate
+_EXACT_BELOW = 65536    # below this many values a plain kthvalue is as fast
+
+
+def _k_extreme_positions(values: Tensor, k: int, *, largest: bool, exclude: Tensor | None = None) -> Tensor:
+    """Flat positions (ascending) of the ``k`` smallest (or largest) ``values``, ties to the lower
+    index, ignoring positions where ``exclude`` is True. Exact.
+
+    Threshold-and-refine: a bound estimated from a fixed-seed sample keeps a candidate set a
+    little larger than ``k``; if it holds at least ``k`` values it holds every value at or beyond
+    the true k-th one, so an exact ``kthvalue`` over the small set gives the exact threshold.
+    Otherwise (rare) the whole array is used.
+    """
+    n = values.numel()
+    device = values.device
+    if k <= 0:
+        return torch.zeros(0, dtype=torch.long, device=device)
+    cand: Tensor | None = None
+    if n > _EXACT_BELOW:
+        g = torch.Generator(device="cpu").manual_seed(n)
+        probe = torch.randint(n, (_SAMPLE,), generator=g).to(device)
+        sample = values.index_select(0, probe)
+        if exclude is not None:
+            sample = sample.masked_fill(exclude.index_select(0, probe), float("-inf") if largest else float("inf"))
+        q = k / n
+        margin = 5.0 * math.sqrt(q * (1.0 - q) / _SAMPLE) + 2.0 / _SAMPLE
+        rank = min(_SAMPLE, max(1, math.ceil((q + margin) * _SAMPLE)))
+        if rank < _SAMPLE:
+            if largest:
+                bound = sample.kthvalue(_SAMPLE - rank + 1).values
+                inside = values.ge(bound)
+            else:
+                bound = sample.kthvalue(rank).values
+                inside = values.le(bound)
+            if exclude is not None:
+                inside.logical_and_(exclude.logical_not())
+            cand = inside.nonzero().view(-1)
+            if cand.numel() < k:
+                cand = None
+    if cand is None:
+        cand = (exclude.logical_not().nonzero().view(-1) if exclude is not None
+                else torch.arange(n, device=device))
+        if cand.numel() < k:
+            raise ValueError(f"k={k} exceeds the {cand.numel()} selectable values")
+    v = values.index_select(0, cand)
+    if largest:
+        v = v.neg()
+    if k == v.numel():
+        return cand
+    thr = v.kthvalue(k).values
+    sel = v < thr
+    need = k - int(sel.sum())
+    if need > 0:                       # the threshold value itself, lowest indices first
+        sel[(v == thr).nonzero().view(-1)[:need]] = True
+    return cand[sel]
+
+
+def update_mask_with_changes(mask: Tensor, weight: Tensor, grow_score: Tensor, k: int
+                             ) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`update_mask`, also returning the flat positions that were dropped (old 1 -> new 0)
+    and newly grown (old 0 -> new 1); a position dropped and regrown is in neither."""
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be torch.bool, got {mask.dtype}")
+    flat = mask.reshape(-1)
+    new = flat.clone()
+    empty = torch.zeros(0, dtype=torch.long, device=mask.device)
+    if k == 0:
+        return new.view(mask.shape), empty, empty
+    active = flat.nonzero().view(-1)
+    if k > active.numel():
+        raise ValueError(f"k must be in [0, n_active={active.numel()}], got {k}")
+    magnitudes = weight.reshape(-1).index_select(0, active).abs_()
+    dropped = active[_k_extreme_positions(magnitudes, k, largest=False)]
+    new[dropped] = False
+    grown = _k_extreme_positions(grow_score.reshape(-1), k, largest=True, exclude=new)
+    new[grown] = True
+    return new.view(mask.shape), dropped[~new[dropped]], grown[~flat[grown]]
+
+
+def update_mask(mask: Tensor, weight: Tensor, grow_score: Tensor, k: int) -> Tensor:
+    """Fast drop-and-grow, exactly equal to ``drop_and_grow(mask, weight.abs(), grow_score, k)``.
+
+    No sorts: the drop selects among the active weights only, the grow among the positions
+    inactive after the drop, each by threshold-and-refine (:func:`_k_extreme_positions`); exact
+    ties at either threshold go to the lower flat index, as in the reference.
+    """
+    return update_mask_with_changes(mask, weight, grow_score, k)[0]

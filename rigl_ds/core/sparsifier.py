@@ -30,7 +30,7 @@ from .distributions import DISTRIBUTIONS, achieved_density, get_distribution, nn
 from .engine import Engine
 from .layers import MaskedLayer, select_layers
 from .schedule import ANNEALS, UpdateSchedule
-from .selection import drop_and_grow, random_mask
+from .selection import random_mask, update_mask_with_changes
 
 logger = logging.getLogger(__name__)
 
@@ -233,26 +233,27 @@ class Sparsifier:
         fraction = self.schedule.drop_fraction(due_at)
         self.engine.check_masks(self.masks)      # the masks we start from agree on every rank
         new_masks: dict[str, Tensor] = {}
+        changes: dict[str, tuple[Tensor, Tensor]] = {}
         for layer in self.layers:
             name, mask = layer.name, self.masks[layer.name]
             n_active = self.nnz[name]
             k = math.floor(fraction * n_active)
             if k == 0 or n_active == layer.numel:   # a dense layer regrows exactly what it drops
                 continue
-            drop_score = self.engine.weight(name).detach().abs()
-            new_masks[name] = drop_and_grow(mask, drop_score, self.grow_score(name, grads), k)
+            weight = self.engine.weight(name).detach()
+            new_masks[name], dropped, grown = update_mask_with_changes(mask, weight, self.grow_score(name, grads), k)
+            changes[name] = (dropped, grown)
         self.engine.sync_masks(new_masks)
         per_layer: dict[str, float] = {}
         grown_total = 0
         for name, new in new_masks.items():
             old = self.masks[name]
-            grown = int((new & ~old).sum())
+            dropped, grown_idx = changes[name]
+            self.engine.apply_update(name, old, new, dropped, grown_idx)
+            old.copy_(new)
+            grown = grown_idx.numel()
             grown_total += grown
             per_layer[name] = grown / self.nnz[name]
-            keep = old & new
-            self.engine.apply_mask(name, new)
-            self.engine.reset_optimizer_state(name, keep)
-            old.copy_(new)
         active_total = sum(self.nnz.values())
         self.last_update = {
             "step": t, "due_step": due_at, "drop_fraction": fraction,

@@ -52,7 +52,12 @@ class PackedAllReduce:
                 else:
                     parts.append(m.reshape(-1))
                     any_masked = True
-            self._index_cache[key] = torch.cat(parts).nonzero().reshape(-1) if any_masked else None
+            if any_masked:
+                idx = torch.cat(parts).nonzero().reshape(-1)
+                # int32 halves the cache (index_select and index_put_ take int32 indices)
+                self._index_cache[key] = idx.to(torch.int32) if idx.numel() and idx[-1] < 2**31 - 1 else idx
+            else:
+                self._index_cache[key] = None
         return self._index_cache[key]
 
     def __call__(self, bucket) -> torch.futures.Future[Tensor]:
@@ -70,7 +75,7 @@ class PackedAllReduce:
 
         def unpack(f) -> Tensor:
             buf.zero_()
-            buf.index_copy_(0, idx, f.value()[0])
+            buf.index_put_((idx,), f.value()[0])
             return buf
 
         return fut.then(unpack)
@@ -115,6 +120,11 @@ class DDPEngine(LocalEngine):
     def apply_mask(self, name: str, mask: Tensor) -> None:
         super().apply_mask(name, mask)
         self.mask_version += 1     # bucket indices are rebuilt on the next packed all-reduce
+
+    def apply_update(self, name: str, old: Tensor, new: Tensor, dropped: Tensor, grown: Tensor) -> None:
+        """From the synchronised masks (a broadcast may have replaced this rank's own result)."""
+        self.apply_mask(name, new)
+        self.reset_optimizer_state(name, old & new)
 
     def sync_masks(self, masks: Mapping[str, Tensor]) -> None:
         if self.mask_sync == "broadcast":

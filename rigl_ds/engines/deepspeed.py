@@ -122,6 +122,11 @@ class DeepSpeedEngineAdapter:
             if s is not None and s.shape == keep.shape:
                 u.safe_set_full_optimizer_state(p, s * keep.to(s.device), key)
 
+    def apply_update(self, name: str, old: Tensor, new: Tensor, dropped: Tensor, grown: Tensor) -> None:
+        """From the synchronised masks, through the safe_* accessors."""
+        self.apply_mask(name, new)
+        self.reset_optimizer_state(name, old & new)
+
     @torch.no_grad()
     def mask_grads(self) -> None:
         """Gradients let through dense for a grow score are masked now; others were masked by the hook."""

@@ -19,11 +19,22 @@ ZERO_PRESERVING_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (
 class LocalEngine:
     """Adapter for a model trained by a plain ``torch.optim`` optimizer in this process."""
 
+    CHUNK = 1 << 18      # elements per step of the CPU masking loop (1 MiB float32 buffer)
+    SMALL = 1 << 15      # below this, one torch.where call costs less than the chunk loop
+
+    def _buffer(self, dtype: torch.dtype) -> Tensor:
+        buf = self._buffers.get(dtype)
+        if buf is None:
+            buf = self._buffers[dtype] = torch.empty(self.CHUNK, dtype=dtype)
+        return buf
+
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
         self.model = model
         self.optimizer = optimizer
         self._params: dict[str, nn.Parameter] = dict(model.named_parameters(remove_duplicate=True))
         self._pairs: list[tuple[nn.Parameter, Tensor]] = []
+        self._zeros: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+        self._buffers: dict[torch.dtype, Tensor] = {}     # CPU: one CHUNK-sized buffer per dtype
         self._hooks: list = []
         self.dense_grad_wanted: Callable[[], bool] = lambda: True
 
@@ -36,6 +47,9 @@ class LocalEngine:
     def bind(self, layers: Sequence[MaskedLayer], masks: Mapping[str, Tensor],
              dense_grad_wanted: Callable[[], bool] = lambda: True) -> None:
         self._pairs = [(self._param(l.name), masks[l.name]) for l in layers]
+        for p, _ in self._pairs:     # allocate the CPU masking buffers now, not on a training step
+            if p.device.type == "cpu" and p.is_floating_point() and p.numel() >= self.SMALL:
+                self._buffer(p.dtype)
         self._layers = list(layers)
         self._masks = masks
         self.dense_grad_wanted = dense_grad_wanted
@@ -48,7 +62,8 @@ class LocalEngine:
 
     @torch.no_grad()
     def apply_mask(self, name: str, mask: Tensor) -> None:
-        self._param(name).mul_(mask)
+        p = self._param(name)
+        torch.where(mask, p, self._zero(p), out=p)
 
     @torch.no_grad()
     def reset_optimizer_state(self, name: str, keep: Tensor) -> None:
@@ -57,18 +72,59 @@ class LocalEngine:
         param = self._param(name)
         for value in self.optimizer.state.get(param, {}).values():
             if isinstance(value, Tensor) and value.shape == param.shape:
-                value.mul_(keep)
+                torch.where(keep, value, self._zero(value), out=value)
+
+    def _zero(self, t: Tensor) -> Tensor:
+        key = (t.dtype, t.device)
+        z = self._zeros.get(key)
+        if z is None:
+            z = self._zeros[key] = torch.zeros((), dtype=t.dtype, device=t.device)
+        return z
+
+    @torch.no_grad()
+    def apply_update(self, name: str, old: Tensor, new: Tensor, dropped: Tensor, grown: Tensor) -> None:
+        """One process: only the changed positions are written (kept ones are untouched)."""
+        p = self._param(name)
+        p.view(-1).index_fill_(0, dropped, 0)
+        if self.optimizer is not None:
+            changed = torch.cat([dropped, grown])
+            for value in self.optimizer.state.get(p, {}).values():
+                if isinstance(value, Tensor) and value.shape == p.shape:
+                    value.view(-1).index_fill_(0, changed, 0)
+
+    def _masked_inplace(self, t: Tensor, mask: Tensor) -> None:
+        """``t[~mask] = 0`` in place, with no mask-sized temporary.
+
+        On CUDA one ``torch.where(..., out=t)``. On CPU, bool kernels are not vectorised
+        (``where`` and bool->float copies run ~6x slower than a float multiply, see
+        benchmarks/README.md), so the mask is read as uint8, widened chunk by chunk into a small
+        reusable buffer and multiplied in. (Multiplying keeps a NaN/inf gradient at a masked
+        position as NaN; such a step is skipped by a GradScaler anyway.)
+        """
+        n = t.numel()
+        if n < self.SMALL or t.device.type != "cpu" or not (t.is_contiguous() and mask.is_contiguous()) \
+                or not t.is_floating_point():
+            torch.where(mask, t, self._zero(t), out=t)
+            return
+        flat, m8 = t.view(-1), mask.view(-1).view(torch.uint8)
+        buf = self._buffer(t.dtype)
+        for i in range(0, n, self.CHUNK):
+            c = min(self.CHUNK, n - i)
+            b = buf[:c]
+            b.copy_(m8[i:i + c])
+            flat[i:i + c].mul_(b)
 
     @torch.no_grad()
     def mask_grads(self) -> None:
         for param, mask in self._pairs:
-            if param.grad is not None:
-                param.grad.mul_(mask)
+            g = param.grad
+            if g is not None:
+                self._masked_inplace(g, mask)
 
     @torch.no_grad()
     def mask_weights(self) -> None:
         for param, mask in self._pairs:
-            param.mul_(mask)
+            self._masked_inplace(param.data, mask)
 
     def sync_masks(self, masks: Mapping[str, Tensor]) -> None:
         """One process: nothing to synchronise."""

@@ -83,3 +83,73 @@ def test_random_mask_exact_count_and_seeded():
     assert m1.dtype == torch.bool and int(m1.sum()) == 137 and torch.equal(m1, m2)
     assert int(random_mask(10, 0, torch.Generator()).sum()) == 0
     assert int(random_mask(10, 10, torch.Generator()).sum()) == 10
+
+
+from rigl_ds.core.selection import update_mask  # noqa: E402
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_fast_update_equals_reference_on_random_and_tied_inputs(seed):
+    gen = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(1, 300, (1,), generator=gen))
+    mask = torch.rand(n, generator=gen) < float(torch.rand(1, generator=gen))
+    if seed % 4 == 0:     # few distinct values: many exact ties at both thresholds
+        w = torch.randint(-3, 4, (n,), generator=gen).float()
+        g = torch.randint(0, 3, (n,), generator=gen).float()
+    else:
+        w, g = torch.randn(n, generator=gen), torch.rand(n, generator=gen)
+    n_active = int(mask.sum())
+    for k in {0, n_active, n_active // 3, min(1, n_active)}:
+        assert torch.equal(update_mask(mask, w, g, k), drop_and_grow(mask, w.abs(), g, k)), (seed, k)
+
+
+@pytest.mark.parametrize("case", ["empty_active", "one_element", "all_active", "all_equal", "2d"])
+def test_fast_update_edge_cases(case):
+    if case == "empty_active":
+        mask, w, g, k = torch.zeros(5, dtype=torch.bool), torch.zeros(5), torch.rand(5), 0
+    elif case == "one_element":
+        mask, w, g, k = torch.ones(1, dtype=torch.bool), torch.ones(1), torch.zeros(1), 1
+    elif case == "all_active":
+        mask, w, g, k = torch.ones(6, dtype=torch.bool), torch.arange(6.0), torch.arange(6.0), 2
+    elif case == "all_equal":
+        mask = torch.tensor([True, False] * 8)
+        w, g, k = torch.ones(16), torch.ones(16), 5
+    else:
+        mask = torch.rand(4, 3, 3, 3, generator=torch.Generator().manual_seed(1)) < 0.3
+        w, g, k = torch.randn(4, 3, 3, 3), torch.rand(4, 3, 3, 3), 7
+    assert torch.equal(update_mask(mask, w, g, k), drop_and_grow(mask, w.abs(), g, k))
+    with pytest.raises(ValueError):
+        update_mask(torch.zeros(3, dtype=torch.bool), torch.zeros(3), torch.zeros(3), 1)
+
+
+@pytest.mark.parametrize("kind", ["random", "ties", "zeros_grad", "all_kept_low"])
+def test_fast_update_equals_reference_on_large_layers(kind):
+    """Layers above the exact-kthvalue size go through threshold-and-refine: still exact."""
+    gen = torch.Generator().manual_seed(7)
+    n = 150_000
+    mask = torch.rand(n, generator=gen) < 0.1
+    if kind == "random":
+        w, g = torch.randn(n, generator=gen), torch.rand(n, generator=gen)
+    elif kind == "ties":                 # 3 distinct magnitudes, 3 distinct scores
+        w = torch.randint(-2, 3, (n,), generator=gen).float()
+        g = torch.randint(0, 3, (n,), generator=gen).float()
+    elif kind == "zeros_grad":           # most candidates score 0: the threshold is a huge tie
+        w, g = torch.randn(n, generator=gen), torch.zeros(n)
+        g[torch.randint(n, (100,), generator=gen)] = 1.0
+    else:                                # kept positions hold the largest scores: the sample misleads
+        w, g = torch.randn(n, generator=gen), torch.rand(n, generator=gen)
+        g[mask] += 10.0
+    n_active = int(mask.sum())
+    for k in (1, n_active // 3, n_active):
+        assert torch.equal(update_mask(mask, w, g, k), drop_and_grow(mask, w.abs(), g, k)), (kind, k)
+
+
+def test_update_mask_with_changes_reports_dropped_and_grown():
+    from rigl_ds.core.selection import update_mask_with_changes
+
+    gen = torch.Generator().manual_seed(3)
+    mask = torch.rand(500, generator=gen) < 0.3
+    w, g = torch.randn(500, generator=gen), torch.rand(500, generator=gen)
+    new, dropped, grown = update_mask_with_changes(mask, w, g, 40)
+    assert torch.equal(torch.sort(dropped).values, (mask & ~new).nonzero().view(-1))
+    assert torch.equal(torch.sort(grown).values, (new & ~mask).nonzero().view(-1))
