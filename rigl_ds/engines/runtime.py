@@ -127,7 +127,21 @@ class LocalRuntime:
         return state
 
 
-class DDPRuntime(LocalRuntime):
+class DistributedRuntime(LocalRuntime):
+    """Collectives shared by the multi-process runtimes (the process group already exists)."""
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        self.dist.all_reduce(t)
+        return t
+
+    def barrier(self) -> None:
+        self.dist.barrier()
+
+    def close(self) -> None:
+        self.dist.barrier()
+
+
+class DDPRuntime(DistributedRuntime):
     """torchrun / SLURM: ``DistributedDataParallel``, NCCL on GPUs, gloo on CPU."""
 
     name = "ddp"
@@ -152,19 +166,12 @@ class DDPRuntime(LocalRuntime):
     def no_sync(self, last: bool):
         return contextlib.nullcontext() if last else self.ddp.no_sync()
 
-    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        self.dist.all_reduce(t)
-        return t
-
-    def barrier(self) -> None:
-        self.dist.barrier()
-
     def close(self) -> None:
         self.dist.barrier()
         self.dist.destroy_process_group()
 
 
-class DeepSpeedRuntime(LocalRuntime):
+class DeepSpeedRuntime(DistributedRuntime):
     """The ``deepspeed`` launcher: ``deepspeed.initialize`` with our torch optimizer, ZeRO 0–3."""
 
     name = "deepspeed"
@@ -205,16 +212,6 @@ class DeepSpeedRuntime(LocalRuntime):
 
     def zero_grad(self) -> None:
         pass                                 # engine.step() zeroes the gradients
-
-    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        self.dist.all_reduce(t)
-        return t
-
-    def barrier(self) -> None:
-        self.dist.barrier()
-
-    def close(self) -> None:
-        self.dist.barrier()
 
     # DeepSpeed checkpoints are folders written by every rank; a "complete" marker makes them valid.
     def list_checkpoints(self, ckpt_dir: pathlib.Path) -> list[pathlib.Path]:
