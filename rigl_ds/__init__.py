@@ -12,5 +12,5 @@ from .core import (
 )
 
 __version__ = "0.1.0"
-__all__ = ["RigL", "SET", "Static", "Sparsifier", "SparsityConfig", "build_sparsifier",
+__all__ = ["RigL", "SET", "Static", "Sparsifier", "SparsityConfig", "build_sparsifier", "engines",
            "forward_flops", "training_flops_ratio", "__version__"]

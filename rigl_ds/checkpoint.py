@@ -91,16 +91,6 @@ def load(path: pathlib.Path) -> dict[str, Any]:
     return obj
 
 
-def load_latest(ckpt_dir: pathlib.Path) -> tuple[pathlib.Path, dict[str, Any]] | None:
-    """The newest checkpoint that loads; unreadable ones are skipped with a warning."""
-    for path in reversed(list_checkpoints(ckpt_dir)):
-        try:
-            return path, load(path)
-        except CheckpointError as e:
-            logger.warning("%s; trying an older one", e)
-    return None
-
-
 def rotate(ckpt_dir: pathlib.Path, keep_last: int) -> None:
     """Delete all but the newest ``keep_last`` checkpoints."""
     for path in list_checkpoints(ckpt_dir)[:-keep_last]:

@@ -34,7 +34,7 @@ def _user_errors():
     return (ConfigError, DataError, RunError, CheckpointError, EngineError, MaskDivergenceError)
 
 
-def _load(args) -> "ExperimentConfig":  # noqa: F821
+def _load(args):
     from rigl_ds.config import load_config
 
     return load_config(args.config, args.overrides)

@@ -14,8 +14,6 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from rigl_ds.core.distributions import DISTRIBUTIONS
-from rigl_ds.core.schedule import ANNEALS
 from rigl_ds.core.sparsifier import SparsityConfig as CoreSparsityConfig
 
 MODELS = ("small_cnn", "mlp", "resnet18", "resnet50")

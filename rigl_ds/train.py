@@ -130,7 +130,7 @@ def resolve_run_dir(cfg: ExperimentConfig) -> pathlib.Path:
 
 @dataclass
 class Experiment:
-    """Everything built from a config before the first step (also used by ``plan`` and ``eval``)."""
+    """Data, model and schedule built from a config (used by ``train``, ``plan`` and ``eval``)."""
 
     cfg: ExperimentConfig
     info: DataInfo
@@ -138,8 +138,6 @@ class Experiment:
     steps_per_epoch: int
     total_steps: int
     data: Data | None = None
-    optimizer: torch.optim.Optimizer | None = None
-    sparsifier: Sparsifier | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
 
@@ -155,8 +153,8 @@ def schedule_lengths(cfg: ExperimentConfig, info: DataInfo, world: int = 1) -> t
 
 
 def build_experiment(cfg: ExperimentConfig, *, with_data: bool = True, device: torch.device | None = None,
-                     meta: bool = False, rank: int = 0, world: int = 1, with_sparsifier: bool = True) -> Experiment:
-    """Build data, model (and, single-process, optimizer and sparsifier); no files written."""
+                     meta: bool = False, rank: int = 0, world: int = 1) -> Experiment:
+    """Build data and model (on the meta device with ``meta``) and the schedule; no files written."""
     seed_everything(cfg.train.seed, cfg.train.deterministic)
     data = build_data(cfg.data, seed=cfg.train.seed, rank=rank, world=world) if with_data else None
     info = data.info if data is not None else describe_data(cfg.data)
@@ -168,18 +166,8 @@ def build_experiment(cfg: ExperimentConfig, *, with_data: bool = True, device: t
         model = model.to(device)
         if cfg.model.channels_last:
             model = model.to(memory_format=torch.channels_last)
-    exp = Experiment(cfg=cfg, info=info, model=model, steps_per_epoch=spe, total_steps=total, data=data,
-                     device=device)
-    if meta or not with_sparsifier:
-        return exp
-    exp.optimizer = build_optimizer(cfg, model)
-    if cfg.sparsity.method != "dense":
-        try:
-            exp.sparsifier = build_sparsifier(model, exp.optimizer, cfg.sparsity.to_core(cfg.train.seed),
-                                              total_steps=total)
-        except ValueError as e:
-            raise RunError(f"sparsity: {e}") from None
-    return exp
+    return Experiment(cfg=cfg, info=info, model=model, steps_per_epoch=spe, total_steps=total, data=data,
+                      device=device)
 
 
 class Trainer:
@@ -197,7 +185,7 @@ class Trainer:
             import torch.distributed as dist
 
             rank, world = dist.get_rank(), dist.get_world_size()
-        self.exp = build_experiment(cfg, rank=rank, world=world, with_sparsifier=False)
+        self.exp = build_experiment(cfg, rank=rank, world=world)
         self.data, self.device = self.exp.data, self.exp.device
         self.rt = build_runtime(cfg, self.exp.model, lambda m: build_optimizer(cfg, m), self.device)
         self.model, self.optimizer = self.rt.module, self.rt.optimizer

@@ -5,7 +5,6 @@ import fnmatch
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-import torch
 from torch import nn
 
 #: Module types whose ``weight`` is masked by default.

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import pathlib
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset

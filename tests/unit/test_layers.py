@@ -1,5 +1,4 @@
 import pytest
-import torch
 from torch import nn
 
 from rigl_ds.core.layers import select_layers
