@@ -20,8 +20,8 @@ import time
 
 import torch
 import torchvision
-from torch.profiler import ProfilerActivity, profile
 
+from _common import peak_bytes
 from rigl_ds import RigL
 from rigl_ds.core import drop_and_grow
 
@@ -105,13 +105,7 @@ def timed(fn, repeats, reset):
 
 def peak_extra_bytes(fn, reset) -> int:
     reset()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    live = peak = 0
-    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
-        live += e.self_cpu_memory_usage
-        peak = max(peak, live)
-    return peak
+    return peak_bytes(fn)
 
 
 def main() -> None:

@@ -20,8 +20,8 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch.profiler import ProfilerActivity, profile
 
+from _common import peak_bytes
 from rigl_ds import RigL
 from rigl_ds.config import ModelSection
 from rigl_ds.models import build_model
@@ -48,22 +48,6 @@ def make_step(model, opt, sp, device):
             opt.step()
         return update
     return step
-
-
-def peak_bytes(fn, device) -> int:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        fn()
-        sync(device)
-        return torch.cuda.max_memory_allocated(device) - base
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    live = peak = 0
-    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
-        live += e.self_cpu_memory_usage
-        peak = max(peak, live)
-    return peak
 
 
 def bench(name: str, device: torch.device, steps: int | None, force_update_at: int | None) -> dict:

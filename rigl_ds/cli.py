@@ -73,6 +73,8 @@ def cmd_plan(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    import contextlib
+
     import torch
 
     from rigl_ds import checkpoint as ckpt
@@ -86,7 +88,7 @@ def cmd_eval(args) -> int:
         exp.model.load_state_dict(state["model"])
     except RuntimeError as e:
         raise ckpt.CheckpointError(f"checkpoint {args.checkpoint} does not fit model {cfg.model.name!r}: {e}") from None
-    res = evaluate(exp.model, exp.data.val_batches(), exp.device, __import__("contextlib").nullcontext,
+    res = evaluate(exp.model, exp.data.val_batches(), exp.device, contextlib.nullcontext,
                    cfg.model.channels_last)
     params = dict(exp.model.named_parameters())
     masks = (state.get("sparsifier") or {}).get("masks")

@@ -50,8 +50,6 @@ class LocalEngine:
         for p, _ in self._pairs:     # allocate the CPU masking buffers now, not on a training step
             if p.device.type == "cpu" and p.is_floating_point() and p.numel() >= self.SMALL:
                 self._buffer(p.dtype)
-        self._layers = list(layers)
-        self._masks = masks
         self.dense_grad_wanted = dense_grad_wanted
 
     def weight(self, name: str) -> Tensor:

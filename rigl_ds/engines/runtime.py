@@ -26,18 +26,6 @@ class EngineError(ValueError):
     """An engine that cannot be set up as configured; the message names the setting."""
 
 
-def _env_rank() -> tuple[int, int, int]:
-    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-            int(os.environ.get("LOCAL_RANK", 0)))
-
-
-def _device(local_rank: int) -> torch.device:
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
 class LocalRuntime:
     """One process; also the base of DDP (same optimizer, scaler and checkpoint files)."""
 

@@ -1,0 +1,23 @@
+"""Helpers shared by the benchmark scripts."""
+from __future__ import annotations
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+
+def peak_bytes(fn, device: torch.device = torch.device("cpu")) -> int:
+    """Peak extra memory allocated while ``fn`` runs: CUDA max_memory_allocated, or on CPU the
+    running sum of the torch profiler's self allocations (approximate)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += e.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak
