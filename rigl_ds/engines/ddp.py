@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from rigl_ds.core.layers import MaskedLayer
 
 from .dist_utils import broadcast_masks, check_masks_equal
-from .local import LocalEngine
+from .local import LocalEngine, flat_in_memory_order
 
 
 class PackedAllReduce:
@@ -50,7 +50,7 @@ class PackedAllReduce:
                 if m is None:
                     parts.append(torch.ones(p.numel(), dtype=torch.bool, device=p.device))
                 else:
-                    parts.append(m.reshape(-1))
+                    parts.append(flat_in_memory_order(m, p))    # the bucket's layout
                     any_masked = True
             if any_masked:
                 idx = torch.cat(parts).nonzero().reshape(-1)

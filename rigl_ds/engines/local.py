@@ -16,6 +16,24 @@ ZERO_PRESERVING_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (
     torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
 
 
+def flat_in_memory_order(t: Tensor, like: Tensor) -> Tensor:
+    """``t`` (the shape of ``like``) flattened in the order in which ``like``'s elements lie in
+    memory: logical order for contiguous weights, NHWC order for channels-last ones (DDP buckets
+    and optimizer buffers lay gradients out like their parameters)."""
+    if like.is_contiguous():
+        return t.reshape(-1)
+    order = sorted(range(like.dim()), key=lambda d: (-like.stride(d), d))
+    return t.permute(order).reshape(-1)
+
+
+def zero_at(t: Tensor, flat_idx: Tensor) -> None:
+    """``t.view(-1)[flat_idx] = 0`` by logical (row-major) position, whatever ``t``'s strides."""
+    if t.is_contiguous():
+        t.view(-1).index_fill_(0, flat_idx, 0)
+    else:
+        t.index_put_(torch.unravel_index(flat_idx, t.shape), torch.zeros((), dtype=t.dtype, device=t.device))
+
+
 class LocalEngine:
     """Adapter for a model trained by a plain ``torch.optim`` optimizer in this process."""
 
@@ -83,12 +101,12 @@ class LocalEngine:
     def apply_update(self, name: str, old: Tensor, new: Tensor, dropped: Tensor, grown: Tensor) -> None:
         """One process: only the changed positions are written (kept ones are untouched)."""
         p = self._param(name)
-        p.view(-1).index_fill_(0, dropped, 0)
+        zero_at(p.data, dropped)
         if self.optimizer is not None:
             changed = torch.cat([dropped, grown])
             for value in self.optimizer.state.get(p, {}).values():
                 if isinstance(value, Tensor) and value.shape == p.shape:
-                    value.view(-1).index_fill_(0, changed, 0)
+                    zero_at(value, changed)
 
     def _masked_inplace(self, t: Tensor, mask: Tensor) -> None:
         """``t[~mask] = 0`` in place, with no mask-sized temporary.

@@ -39,12 +39,14 @@ def single_process(dtype=torch.float64):
     return masks, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def ddp_worker(rank, world, packed):
+def ddp_worker(rank, world, packed, channels_last=False):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from rigl_ds.engines.ddp import DDPEngine
 
     model = make_nobn(seed=rank)            # different init per rank: DDP broadcasts rank 0's
+    if channels_last:                       # NHWC weights: DDP buckets hold their gradients in NHWC order
+        model = model.to(memory_format=torch.channels_last)
     ddp = DDP(model)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
     engine = DDPEngine(ddp, opt, packed_allreduce=packed)
@@ -54,6 +56,8 @@ def ddp_worker(rank, world, packed):
         x, y = batch(t, dtype=torch.float64)
         half = x.shape[0] // world
         xs, ys = x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]
+        if channels_last:
+            xs = xs.contiguous(memory_format=torch.channels_last)
         opt.zero_grad()
         if engine.comm:
             engine.comm.reset_counters()
@@ -70,10 +74,11 @@ def ddp_worker(rank, world, packed):
     return masks, weights, traffic, sp.global_density
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["dense-allreduce", "packed-allreduce"])
-def test_ddp_two_ranks_equal_single_process(packed):
+@pytest.mark.parametrize("packed,channels_last", [(False, False), (True, False), (True, True)],
+                         ids=["dense-allreduce", "packed-allreduce", "packed-allreduce-channels-last"])
+def test_ddp_two_ranks_equal_single_process(packed, channels_last):
     ref_masks, ref_w = single_process()
-    results = run_ranks(ddp_worker, packed)
+    results = run_ranks(ddp_worker, packed, channels_last)
     assert len(ref_masks) == (STEPS * 3 // 4 - 1) // DELTA == 4
     for masks, weights, traffic, density in results:
         assert len(masks) == len(ref_masks)

@@ -337,3 +337,44 @@ def test_bad_config_values_are_named():
         RigL(make(), None, total_steps=10, delta=0)
     with pytest.raises(TypeError):
         RigL(make(), None, total_steps=10, sparsityy=0.5)
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "adam"])
+def test_channels_last_weights_update_like_contiguous_ones(opt_name):
+    """NHWC weights (and the optimizer buffers cloned from their gradients) get the same masks,
+    the same zeros and the same weights as NCHW ones: flat mask positions are logical positions."""
+    from tests.helpers import make_nobn
+
+    runs = []
+    for cl in (False, True):
+        model = make_nobn(dtype=torch.float64)
+        if cl:
+            model = model.to(memory_format=torch.channels_last)
+        opt = (torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9) if opt_name == "sgd"
+               else torch.optim.Adam(model.parameters(), lr=1e-3))
+        sp = RigL(model, opt, total_steps=24, sparsity=0.8, delta=5)
+        masks = []
+        for t in range(24):
+            x, y = batch(t, dtype=torch.float64)
+            if cl:
+                x = x.contiguous(memory_format=torch.channels_last)
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            if sp.step():
+                opt.step()
+            params = dict(model.named_parameters())
+            for name, m in sp.masks.items():
+                assert torch.count_nonzero(params[name].detach()[~m]) == 0
+                for st in opt.state[params[name]].values():
+                    if torch.is_tensor(st) and st.shape == m.shape:
+                        assert torch.count_nonzero(st[~m]) == 0
+            if sp.last_update and sp.last_update["step"] == t:
+                masks.append({n: m.clone() for n, m in sp.masks.items()})
+        assert params["conv2.weight"].is_contiguous(memory_format=torch.channels_last) == cl
+        runs.append((masks, {n: p.detach().clone() for n, p in model.named_parameters()}))
+    (ma, wa), (mb, wb) = runs
+    assert len(ma) == 3
+    for a, b in zip(ma, mb):
+        assert all(torch.equal(a[n], b[n]) for n in a)
+    for n in wa:
+        torch.testing.assert_close(wa[n], wb[n], rtol=1e-9, atol=1e-12)
