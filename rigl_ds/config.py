@@ -12,7 +12,7 @@ import pathlib
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from rigl_ds.core.sparsifier import SparsityConfig as CoreSparsityConfig
 
@@ -50,19 +50,33 @@ class ModelSection(_Strict):
 
 class DataSection(_Strict):
     name: Literal["digits", "synthetic", "imagefolder"] = "digits"
-    path: Optional[str] = None            # image folder root (imagefolder, dali-*): train/ and val/
+    # how an image folder is read: torchvision (PIL, DataLoader workers), dali-gpu (nvJPEG + GPU
+    # augmentation), dali-cpu (DALI on CPU threads), synthetic (random images, no files read)
+    backend: Literal["torchvision", "dali-gpu", "dali-cpu", "synthetic"] = "torchvision"
+    path: Optional[str] = None            # image folder root: train/<class>/* and val/<class>/*
     batch_size: int = Field(64, ge=1)     # per-rank micro-batch
     eval_batch_size: int = Field(256, ge=1)
-    num_workers: int = Field(0, ge=0)
+    num_workers: int = Field(0, ge=0)     # DataLoader workers; DALI: CPU threads (0: 4)
     image_size: int = Field(224, ge=8)
     num_classes: Optional[int] = Field(None, ge=2)     # synthetic only (default 1000)
     train_size: Optional[int] = Field(None, ge=1)      # synthetic: examples per epoch (default 1,281,167)
     val_size: Optional[int] = Field(None, ge=1)
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0)   # digits: held-out test split
 
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, v: str, info: ValidationInfo) -> str:
+        name = info.data.get("name")
+        if name == "digits" and v != "torchvision":
+            raise ValueError(f"{v!r} does not apply to name='digits' (in memory); allowed: torchvision")
+        if name == "synthetic" and v.startswith("dali"):
+            raise ValueError(f"{v!r} reads an image folder (name='imagefolder'); allowed for name='synthetic': "
+                             "torchvision, synthetic")
+        return v
+
     @model_validator(mode="after")
     def _path(self) -> "DataSection":
-        if self.name == "imagefolder" and not self.path:
+        if self.name == "imagefolder" and self.backend != "synthetic" and not self.path:
             env = os.environ.get("RIGL_DS_DATA")
             if env:
                 self.path = env
@@ -135,6 +149,8 @@ class TrainSection(_Strict):
     epochs: float = Field(10, gt=0.0)
     max_steps: Optional[int] = Field(None, ge=1)     # stop early (smoke tests); schedule unchanged
     grad_accumulation: int = Field(1, ge=1)          # micro-batches per optimizer step
+    # the global batch (all ranks, all micro-batches); sets grad_accumulation from the world size
+    global_batch: Optional[int] = Field(None, ge=1)
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     mixup: float = Field(0.0, ge=0.0)                # Beta(mixup, mixup); 0 disables
     seed: int = 0
@@ -310,9 +326,6 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
 def semantic_problems(cfg: ExperimentConfig, source: str) -> list[str]:
     """Cross-field checks that need the whole config."""
     out = []
-    if cfg.data.name == "imagefolder" and not cfg.data.path:
-        out.append(f"{source}: data.path: required for data.name={cfg.data.name!r} "
-                   "(or set the environment variable RIGL_DS_DATA)")
     if cfg.engine.name == "deepspeed" and not cfg.engine.deepspeed_config:
         out.append(f"{source}: engine.deepspeed_config: required for engine.name='deepspeed' "
                    "(e.g. ds_configs/zero2_fp32.json)")
@@ -321,6 +334,25 @@ def semantic_problems(cfg: ExperimentConfig, source: str) -> list[str]:
                    "in the DeepSpeed JSON instead")
     if cfg.lr_schedule.name == "step" and not cfg.lr_schedule.step_epochs:
         out.append(f"{source}: lr_schedule.step_epochs: required for lr_schedule.name='step'")
+    return out
+
+
+def for_world(cfg: ExperimentConfig, world: int, source: str = "the config") -> ExperimentConfig:
+    """The config as run on ``world`` ranks: ``train.global_batch`` turned into ``grad_accumulation``."""
+    gb = cfg.train.global_batch
+    if gb is None:
+        return cfg
+    per_step = cfg.data.batch_size * world
+    if gb % per_step:
+        raise ConfigError([f"{source}: train.global_batch={gb} is not a multiple of data.batch_size="
+                           f"{cfg.data.batch_size} x {world} ranks = {per_step}; change one of them"])
+    accum = gb // per_step
+    if cfg.train.grad_accumulation not in (1, accum):
+        raise ConfigError([f"{source}: train.grad_accumulation={cfg.train.grad_accumulation} disagrees with "
+                           f"train.global_batch={gb} (data.batch_size={cfg.data.batch_size}, {world} ranks "
+                           f"give {accum}); set only one of them"])
+    out = cfg.model_copy(deep=True)
+    out.train.grad_accumulation = accum
     return out
 
 

@@ -1,11 +1,17 @@
 """Input data behind one build function with one return type (:class:`Data`).
 
-Sources: ``digits`` (scikit-learn's bundled 8x8 handwritten digits: real, offline), ``synthetic``
-(ImageNet-shaped random images, deterministic per index), ``imagefolder`` (torchvision
-``ImageFolder`` over ``path/train`` and ``path/val``).
+Sources (``data.name``): ``digits`` (scikit-learn's bundled 8x8 handwritten digits: real, offline),
+``synthetic`` (ImageNet-shaped random images, deterministic per index), ``imagefolder`` (an
+ImageNet-layout folder ``path/train/<class>/*`` and ``path/val/<class>/*``).
+
+Loaders (``data.backend``) for an image folder: ``torchvision`` (PIL + DataLoader workers),
+``dali-gpu`` (NVIDIA DALI, nvJPEG decoding and augmentation on the GPU), ``dali-cpu`` (DALI on CPU
+threads), or ``synthetic`` (random images of the same shape: no files read). Every backend yields
+``(images, labels)``: float32 images ``N x C x H x W`` and int64 labels.
 
 Training order is a pure function of (seed, epoch): every rank draws the same permutation and
-takes its own slice, and a run can start at any batch of an epoch (exact resume).
+takes its own slice, and a run can start at any batch of an epoch (exact resume). The DALI backend
+reads the same per-epoch order through its sharded file reader.
 """
 from __future__ import annotations
 
@@ -50,8 +56,7 @@ class EpochBatchSampler(Sampler[list[int]]):
 
     def _indices(self) -> list[int]:
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            order = torch.randperm(self.size, generator=g).tolist()
+            order = epoch_order(self.size, self.seed, self.epoch)
         else:
             order = list(range(self.size))
         if self.drop_last:
@@ -86,23 +91,42 @@ class SyntheticImages(Dataset):
         return x, int(torch.randint(self.num_classes, (1,), generator=g))
 
 
+def epoch_order(size: int, seed: int, epoch: int) -> list[int]:
+    """The global training permutation of one epoch (the same on every rank and every backend)."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(size, generator=g).tolist()
+
+
 @dataclass
 class Data:
-    """The one return type of :func:`build_data`."""
+    """The one return type of :func:`build_data`: training and validation batches of one rank."""
 
     info: DataInfo
-    train_set: Dataset
-    val_set: Dataset
     batch_size: int
     eval_batch_size: int
-    num_workers: int
     seed: int
-    rank: int = 0
-    world: int = 1
+    rank: int
+    world: int
 
     def batches_per_epoch(self) -> int:
         """Training micro-batches per epoch on each rank (drop_last)."""
-        return (len(self.train_set) // self.world) // self.batch_size
+        return (self.info.train_size // self.world) // self.batch_size
+
+    def train_batches(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        raise NotImplementedError
+
+    def val_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Every validation example exactly once over all ranks (no drop, no padding)."""
+        raise NotImplementedError
+
+
+@dataclass
+class LoaderData(Data):
+    """Map-style datasets read through torch DataLoaders (digits, synthetic, torchvision)."""
+
+    train_set: Dataset = None
+    val_set: Dataset = None
+    num_workers: int = 0
 
     def train_batches(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         sampler = EpochBatchSampler(len(self.train_set), self.batch_size, seed=self.seed, epoch=epoch,
@@ -132,8 +156,17 @@ def _digits(val_fraction: float) -> tuple[TensorDataset, TensorDataset]:
     return TensorDataset(X[tr], y[tr]), TensorDataset(X[te], y[te])
 
 
+def source_of(cfg: DataSection) -> str:
+    """Where the examples come from: 'digits', 'synthetic' or 'imagefolder' (``backend: synthetic``
+    stands in for an image folder with random images of its shape)."""
+    return "synthetic" if cfg.backend == "synthetic" and cfg.name == "imagefolder" else cfg.name
+
+
 def _image_dirs(cfg: DataSection) -> tuple[pathlib.Path, pathlib.Path]:
-    root = pathlib.Path(cfg.path or "")
+    if not cfg.path:
+        raise DataError("data.path: required to train on data.name='imagefolder' (set data.path=/path/to/imagenet "
+                        "or the environment variable RIGL_DS_DATA; data.backend=synthetic needs no folder)")
+    root = pathlib.Path(cfg.path)
     train, val = root / "train", root / "val"
     for d in (train, val):
         if not d.is_dir():
@@ -142,54 +175,76 @@ def _image_dirs(cfg: DataSection) -> tuple[pathlib.Path, pathlib.Path]:
     return train, val
 
 
+def image_folder(cfg: DataSection, split_dir: pathlib.Path, transform=None):
+    """torchvision ``ImageFolder`` over one split; a missing, empty or unreadable folder is a DataError."""
+    from torchvision.datasets import ImageFolder
+
+    try:
+        return ImageFolder(str(split_dir), transform=transform)
+    except (FileNotFoundError, OSError) as e:
+        raise DataError(f"data.path={cfg.path!r}: {split_dir}: {e}") from None
+
+
 def describe_data(cfg: DataSection) -> DataInfo:
     """Classes, input shape and sizes without building loaders (ImageNet's counts when the
     image folder is absent, so that ``plan`` works without the data)."""
-    if cfg.name == "digits":
+    source = source_of(cfg)
+    if source == "digits":
         n = 1797
         val = math.ceil(n * cfg.val_fraction)
         return DataInfo(10, (1, 8, 8), n - val, val)
-    if cfg.name == "synthetic":
+    if source == "synthetic":
         return DataInfo(cfg.num_classes or 1000, (3, cfg.image_size, cfg.image_size),
                         cfg.train_size or IMAGENET_TRAIN_SIZE, cfg.val_size or IMAGENET_VAL_SIZE)
-    root = pathlib.Path(cfg.path or "")
-    if not (root / "train").is_dir():
+    if not cfg.path or not (pathlib.Path(cfg.path) / "train").is_dir():
+        where = f"{pathlib.Path(cfg.path) / 'train'} not found" if cfg.path else "data.path not set"
         return DataInfo(1000, (3, cfg.image_size, cfg.image_size), IMAGENET_TRAIN_SIZE, IMAGENET_VAL_SIZE,
-                        note=f"{root / 'train'} not found: ImageNet-1k sizes assumed")
-    from torchvision.datasets import ImageFolder
+                        note=f"{where}: ImageNet-1k sizes assumed")
     train, val = _image_dirs(cfg)
-    tr, va = ImageFolder(str(train)), ImageFolder(str(val))
+    tr, va = image_folder(cfg, train), image_folder(cfg, val)
     return DataInfo(len(tr.classes), (3, cfg.image_size, cfg.image_size), len(tr), len(va))
 
 
-def build_data(cfg: DataSection, *, seed: int, rank: int = 0, world: int = 1) -> Data:
-    """Build the data named by ``cfg.name``; raises :class:`DataError` naming what is wrong."""
-    common = dict(batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
-                  num_workers=cfg.num_workers, seed=seed, rank=rank, world=world)
-    if cfg.name == "digits":
+def build_data(cfg: DataSection, *, seed: int, rank: int = 0, world: int = 1,
+               device: torch.device | None = None) -> Data:
+    """Build the data named by ``cfg.name`` read by ``cfg.backend``; raises :class:`DataError`
+    naming what is wrong. ``device`` is this rank's device (the DALI GPU pipeline runs on it)."""
+    common = dict(batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size, seed=seed, rank=rank, world=world)
+    source = source_of(cfg)
+    if source == "digits":
         train_set, val_set = _digits(cfg.val_fraction)
         info = describe_data(cfg)
         assert len(train_set) == info.train_size and len(val_set) == info.val_size
-    elif cfg.name == "synthetic":
+        data: Data = LoaderData(info=info, train_set=train_set, val_set=val_set, num_workers=cfg.num_workers, **common)
+    elif source == "synthetic":
         info = describe_data(cfg)
         train_set = SyntheticImages(info.train_size, info.num_classes, cfg.image_size, seed=0)
         val_set = SyntheticImages(info.val_size, info.num_classes, cfg.image_size, seed=1)
-    elif cfg.name == "imagefolder":
+        data = LoaderData(info=info, train_set=train_set, val_set=val_set, num_workers=cfg.num_workers, **common)
+    elif source == "imagefolder" and cfg.backend in ("dali-gpu", "dali-cpu"):
+        from rigl_ds.data.dali import DaliData
+
+        train, val = _image_dirs(cfg)
+        tr, va = image_folder(cfg, train), image_folder(cfg, val)
+        info = DataInfo(len(tr.classes), (3, cfg.image_size, cfg.image_size), len(tr), len(va))
+        data = DaliData(info=info, train_samples=tr.samples, val_samples=va.samples, image_size=cfg.image_size,
+                        on_gpu=cfg.backend == "dali-gpu", num_threads=cfg.num_workers, device=device,
+                        source=f"data.path={cfg.path!r}", **common)
+    elif source == "imagefolder":
         train_set, val_set = _image_folders(cfg)
         info = DataInfo(len(train_set.classes), (3, cfg.image_size, cfg.image_size), len(train_set), len(val_set))
+        data = LoaderData(info=info, train_set=train_set, val_set=val_set, num_workers=cfg.num_workers, **common)
     else:
         raise DataError(f"data.name={cfg.name!r}: allowed: digits, synthetic, imagefolder")
-    data = Data(info=info, train_set=train_set, val_set=val_set, **common)
     if data.batches_per_epoch() == 0:
         raise DataError(
-            f"data.batch_size={cfg.batch_size}: larger than the {len(train_set) // world} training examples "
-            f"per rank ({len(train_set)} examples, {world} ranks)")
+            f"data.batch_size={cfg.batch_size}: larger than the {info.train_size // world} training examples "
+            f"per rank ({info.train_size} examples, {world} ranks)")
     return data
 
 
 def _image_folders(cfg: DataSection):
     from torchvision import transforms
-    from torchvision.datasets import ImageFolder
 
     train, val = _image_dirs(cfg)
     size = cfg.image_size
@@ -198,10 +253,4 @@ def _image_folders(cfg: DataSection):
                                    transforms.RandomHorizontalFlip(), transforms.ToTensor(), normalize])
     val_tf = transforms.Compose([transforms.Resize(int(size * 256 / 224)), transforms.CenterCrop(size),
                                  transforms.ToTensor(), normalize])
-    sets = []
-    for d, tf in ((train, train_tf), (val, val_tf)):
-        try:
-            sets.append(ImageFolder(str(d), transform=tf))
-        except (FileNotFoundError, OSError) as e:
-            raise DataError(f"data.path={cfg.path!r}: {d}: {e}") from None
-    return sets[0], sets[1]
+    return image_folder(cfg, train, train_tf), image_folder(cfg, val, val_tf)
