@@ -67,7 +67,9 @@ def cmd_train(args) -> int:
 def cmd_plan(args) -> int:
     from rigl_ds.plan import format_plan, make_plan
 
-    plan = make_plan(_load(args))
+    if args.world_size < 1:
+        raise SystemExit(f"rigl-ds plan: --world-size={args.world_size}: must be >= 1")
+    plan = make_plan(_load(args), world=args.world_size)
     print(json.dumps(plan) if args.json else format_plan(plan))
     return 0
 
@@ -140,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("config")
     pl.add_argument("overrides", nargs="*", metavar="key=value")
     pl.add_argument("--json", action="store_true", help="print exactly one JSON object")
+    pl.add_argument("--world-size", type=int, default=1,
+                    help="ranks the run will use (sets the schedule with train.global_batch; default 1)")
     pl.set_defaults(fn=cmd_plan)
 
     e = sub.add_parser("eval", help="top-1/top-5 and per-layer density of a checkpoint")

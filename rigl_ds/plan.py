@@ -10,9 +10,11 @@ from rigl_ds.core import UpdateSchedule, forward_flops, get_distribution, nnz_fo
 from rigl_ds.train import build_experiment
 
 
-def make_plan(cfg: ExperimentConfig) -> dict[str, Any]:
-    """The plan as a JSON-ready dict; the model is built on the meta device (no memory, no data)."""
-    exp = build_experiment(cfg, with_data=False, meta=True)
+def make_plan(cfg: ExperimentConfig, world: int = 1) -> dict[str, Any]:
+    """The plan as a JSON-ready dict for ``world`` ranks; the model is built on the meta device
+    (no memory, no data)."""
+    exp = build_experiment(cfg, with_data=False, meta=True, world=world)
+    cfg = exp.cfg
     sp = cfg.sparsity
     layers = select_layers(exp.model, sp.include, sp.exclude)
     if sp.method == "dense":
@@ -51,7 +53,9 @@ def make_plan(cfg: ExperimentConfig) -> dict[str, Any]:
             "delta": sched.delta,
             "t_end": sched.t_end,
             "num_mask_updates": sched.num_updates if dynamic else 0,
-            "global_batch": cfg.data.batch_size * cfg.train.grad_accumulation,
+            "global_batch": cfg.data.batch_size * cfg.train.grad_accumulation * world,
+            "world_size": world,
+            "grad_accumulation": cfg.train.grad_accumulation,
         },
         "data": {"name": cfg.data.name, "train_size": exp.info.train_size, "num_classes": exp.info.num_classes,
                  "input_shape": list(exp.info.input_shape), "note": exp.info.note},
@@ -71,7 +75,8 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"forward FLOPs/example: dense {f['dense_forward']:.4g}, sparse {f['sparse_forward']:.4g} "
         f"(inference {f['inference_ratio']:.3f}x, training {f['train_ratio']:.3f}x of dense)",
         f"schedule: {s['total_steps']} steps ({s['steps_per_epoch']}/epoch x {s['epochs']} epochs, "
-        f"global batch {s['global_batch']}), delta {s['delta']}, t_end {s['t_end']}, "
+        f"global batch {s['global_batch']} = {s['world_size']} ranks x {s['grad_accumulation']} micro-batches "
+        f"x {s['global_batch'] // (s['world_size'] * s['grad_accumulation'])}), delta {s['delta']}, t_end {s['t_end']}, "
         f"{s['num_mask_updates']} mask updates",
     ]
     if plan["data"]["note"]:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rigl_ds import checkpoint as ckpt
-from rigl_ds.config import ExperimentConfig, to_yaml
+from rigl_ds.config import ExperimentConfig, for_world, to_yaml
 from rigl_ds.core import Sparsifier, build_sparsifier, forward_flops
 from rigl_ds.data import Data, DataInfo, build_data, describe_data
 from rigl_ds.models import build_model
@@ -156,15 +156,18 @@ def build_experiment(cfg: ExperimentConfig, *, with_data: bool = True, device: t
                      meta: bool = False, rank: int = 0, world: int = 1) -> Experiment:
     """Build data and model (on the meta device with ``meta``) and the schedule; no files written."""
     seed_everything(cfg.train.seed, cfg.train.deterministic)
-    data = build_data(cfg.data, seed=cfg.train.seed, rank=rank, world=world) if with_data else None
+    cfg = for_world(cfg, world)
+    device = device or (torch.device("meta") if meta else pick_device())
+    data = build_data(cfg.data, seed=cfg.train.seed, rank=rank, world=world, device=device) if with_data else None
     info = data.info if data is not None else describe_data(cfg.data)
     spe, total = schedule_lengths(cfg, info, world)
-    device = device or (torch.device("meta") if meta else pick_device())
     with device if meta else nullcontext():
         model = build_model(cfg.model, info.num_classes, info.input_shape)
     if not meta:
         model = model.to(device)
-        if cfg.model.channels_last:
+        # DeepSpeed broadcasts and flattens parameters through byte views, which need contiguous
+        # (NCHW) weights; channels-last inputs alone still select channels-last convolutions
+        if cfg.model.channels_last and cfg.engine.name != "deepspeed":
             model = model.to(memory_format=torch.channels_last)
     return Experiment(cfg=cfg, info=info, model=model, steps_per_epoch=spe, total_steps=total, data=data,
                       device=device)
@@ -185,6 +188,7 @@ class Trainer:
             import torch.distributed as dist
 
             rank, world = dist.get_rank(), dist.get_world_size()
+        self.cfg = cfg = for_world(cfg, world)
         self.exp = build_experiment(cfg, rank=rank, world=world)
         self.data, self.device = self.exp.data, self.exp.device
         self.rt = build_runtime(cfg, self.exp.model, lambda m: build_optimizer(cfg, m), self.device)

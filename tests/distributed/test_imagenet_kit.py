@@ -1,0 +1,51 @@
+"""An ImageNet YAML of the kit, as shipped, under the deepspeed launcher with 2 CPU ranks: DALI CPU
+pipelines on a generated JPEG folder, and the synthetic backend (only sizes overridden)."""
+import json
+
+import pytest
+
+from tests.distributed.harness import free_port  # noqa: F401  (launch() picks free ports)
+from tests.distributed.test_launchers import ROOT, ds_state, launch
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+YAML = str(ROOT / "configs" / "imagenet" / "resnet50_erk_s90_e100.yaml")
+DS = str(ROOT / "ds_configs" / "zero1_fp32.json")
+# CPU-sized: 32 px, 4 images per rank, global batch 16 = 2 ranks x 4 x 2 accumulated micro-batches
+SMALL = ["data.image_size=32", "data.batch_size=4", "data.eval_batch_size=8", "train.global_batch=16",
+         "precision.dtype=fp32", "sparsity.delta=2", "train.max_steps=4", "logging.progress=false",
+         "logging.log_every=1", "checkpoint.every_steps=null"]
+
+
+def check(run, eval_count):
+    result = json.loads((run / "result.json").read_text())
+    assert result["steps"] == 4 and result["engine"] == "deepspeed" and result["world_size"] == 2
+    assert result["eval"]["count"] == eval_count
+    assert abs(result["global_density"] - 0.1) < 1e-3
+    state = ds_state(run, 4)
+    assert state["sparsifier"]["last_update"]["step"] == 2          # one mask update at step 2
+    masks = state["sparsifier"]["masks"]
+    for name, m in masks.items():
+        assert int((state["model"][name].float() * (~m)).count_nonzero()) == 0, name
+
+
+def test_imagenet_yaml_with_dali_cpu_under_deepspeed(tmp_path):
+    pytest.importorskip("nvidia.dali", reason="NVIDIA DALI not installed (pip install -e .[dali])")
+    from rigl_ds.data.testing import make_image_folder
+
+    # 3 classes x 12 train (18 per rank: 4 micro-batches of 4 -> 2 steps of global batch 16 per epoch),
+    # 3 x 5 val (15, odd: one rank evaluates 8, the other 7)
+    folder = make_image_folder(tmp_path / "imagenet", classes=3, train_per_class=12, val_per_class=5,
+                               encode_index=False)
+    run = tmp_path / "run"
+    out = launch("deepspeed.sh", YAML, DS, *SMALL, "data.backend=dali-cpu", f"data.path={folder}",
+                 "data.num_workers=1", f"logging.run_dir={run}").stdout
+    assert "test accuracy: top-1" in out
+    check(run, eval_count=15)
+
+
+def test_imagenet_yaml_with_synthetic_data_under_deepspeed(tmp_path):
+    run = tmp_path / "run"
+    launch("deepspeed.sh", YAML, DS, *SMALL, "data.backend=synthetic", "data.train_size=64", "data.val_size=12",
+           f"logging.run_dir={run}")
+    check(run, eval_count=12)

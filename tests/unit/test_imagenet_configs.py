@@ -1,0 +1,110 @@
+"""The 12 ResNet-50 / ImageNet experiment YAMLs: one per row of SPEC section 6, one shared base."""
+import pathlib
+import re
+import shlex
+
+import pytest
+import yaml
+
+from rigl_ds.config import ConfigError, for_world, load_config
+from rigl_ds.plan import make_plan
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+DIR = ROOT / "configs" / "imagenet"
+SPEC = ROOT.parent / "shared" / "SPEC.md"
+ROWS = [(d, s) for s in (80, 90) for d in ("uniform", "erk")]
+EPOCHS = (100, 500, 1200)
+
+
+def path(dist, s, e) -> pathlib.Path:
+    return DIR / f"resnet50_{dist}_s{s}_e{e}.yaml"
+
+
+def published() -> dict[tuple[str, int], list[str]]:
+    """The top-1 table of SPEC section 6: (distribution, sparsity %) -> [100 ep, 500 ep, 1200 ep]."""
+    out = {}
+    for line in SPEC.read_text().splitlines():
+        m = re.match(r"\|\s*0\.(\d)\s*\|\s*(uniform|ERK)\s*\|([^|]+)\|([^|]+)\|([^|]+)\|", line)
+        if m:
+            out[m.group(2).lower(), int(m.group(1)) * 10] = [v.strip() for v in m.groups()[2:]]
+    return out
+
+
+def test_exactly_the_twelve_rows_and_a_base():
+    names = sorted(p.name for p in DIR.glob("*.yaml"))
+    assert names == sorted(["_base.yaml"] + [path(d, s, e).name for d, s in ROWS for e in EPOCHS])
+
+
+@pytest.mark.skipif(not SPEC.is_file(), reason="../shared/SPEC.md not beside the checkout")
+@pytest.mark.parametrize("dist,s", ROWS)
+def test_header_gives_the_launch_command_and_the_published_top1(dist, s):
+    table = published()
+    assert len(table) == 4
+    for e, top1 in zip(EPOCHS, table[dist, s]):
+        text = path(dist, s, e).read_text()
+        head = [l for l in text.splitlines() if l.startswith("#")]
+        assert f"published top-1 {top1}" in head[0], head[0]
+        cmds = [l.lstrip("# ").split(":", 1)[-1].strip() if l.lstrip("# ").startswith(("or ", "Schedule"))
+                else l.lstrip("# ") for l in head if "launch/" in l or "rigl-ds " in l]
+        assert len(cmds) == 4
+        for cmd in cmds:
+            words = [w for w in shlex.split(cmd) if "=" not in w or w.startswith("--")]
+            assert f"configs/imagenet/{path(dist, s, e).name}" in words, cmd
+            for w in words:
+                if w.startswith(("launch/", "ds_configs/", "configs/")):
+                    assert (ROOT / w).is_file(), (cmd, w)
+
+
+@pytest.mark.parametrize("dist,s", ROWS)
+def test_the_three_lengths_differ_only_in_epochs(dist, s):
+    docs = [yaml.safe_load(path(dist, s, e).read_text()) for e in EPOCHS]
+    for doc, e in zip(docs, EPOCHS):
+        assert doc == {"extends": "_base.yaml", "name": f"resnet50_{dist}_s{s}_e{e}",
+                       "sparsity": {"sparsity": s / 100, "distribution": dist}, "train": {"epochs": e}}
+    cfgs = [load_config(path(dist, s, e)).model_dump() for e in EPOCHS]
+    for c, e in zip(cfgs, EPOCHS):
+        assert c["train"].pop("epochs") == e and c.pop("name") == f"resnet50_{dist}_s{s}_e{e}"
+    assert cfgs[0] == cfgs[1] == cfgs[2]
+
+
+def test_base_holds_the_published_recipe():
+    c = load_config(path("erk", 90, 100))
+    assert (c.model.name, c.model.init) == ("resnet50", "kaiming_fan_in")
+    assert (c.data.name, c.data.backend, c.data.batch_size, c.data.image_size) == ("imagefolder", "dali-gpu", 256, 224)
+    o = c.optimizer
+    assert (o.name, o.lr, o.momentum, o.nesterov, o.weight_decay) == ("sgd", 1.2, 0.9, False, 1e-4)
+    assert (c.lr_schedule.name, c.lr_schedule.warmup_epochs) == ("cosine", 10)
+    t = c.train
+    assert (t.global_batch, t.label_smoothing, t.mixup, t.seed) == (2048, 0.1, 0.2, 914)
+    sp = c.sparsity
+    assert (sp.method, sp.delta, sp.alpha, sp.t_end, sp.anneal) == ("rigl", 100, 0.3, 0.8, "cosine")
+
+
+@pytest.mark.parametrize("dist,s", ROWS)
+def test_plan_without_the_data(dist, s, monkeypatch):
+    monkeypatch.delenv("RIGL_DS_DATA", raising=False)
+    plans = [make_plan(load_config(path(dist, s, e)), world=8) for e in EPOCHS]
+    steps = [p["schedule"]["total_steps"] for p in plans]
+    # 1,281,167 images / 8 ranks / 256 per rank = 625 steps per epoch at global batch 2048
+    assert steps == [62_500, 312_500, 750_000] and steps[0] * 5 == steps[1] and steps[0] * 12 == steps[2]
+    for p, n in zip(plans, steps):
+        sch = p["schedule"]
+        assert (sch["steps_per_epoch"], sch["global_batch"], sch["delta"]) == (625, 2048, 100)
+        assert sch["t_end"] == round(0.8 * n)
+        assert sch["num_mask_updates"] == (sch["t_end"] - 1) // 100
+        assert abs(p["global_density"] - (1 - s / 100)) < 1e-3
+        assert "ImageNet-1k sizes assumed" in p["data"]["note"]
+
+
+def test_global_batch_is_kept_by_gradient_accumulation_on_fewer_ranks():
+    cfg = load_config(path("uniform", 80, 100))
+    for world, accum in ((8, 1), (4, 2), (2, 4), (1, 8)):
+        assert for_world(cfg, world).train.grad_accumulation == accum
+        plan = make_plan(cfg, world=world)
+        assert plan["schedule"]["total_steps"] == 62_500 and plan["schedule"]["global_batch"] == 2048
+    with pytest.raises(ConfigError, match=r"train.global_batch=2048 is not a multiple of data.batch_size=256 x 3 "
+                                          r"ranks = 768"):
+        for_world(cfg, 3)
+    bad = load_config(path("uniform", 80, 100), ["train.grad_accumulation=3"])
+    with pytest.raises(ConfigError, match=r"train.grad_accumulation=3 disagrees with train.global_batch=2048"):
+        for_world(bad, 4)
