@@ -1,6 +1,16 @@
-"""Atomic checkpoints: written to a temporary name in the same folder, fsynced, then renamed."""
+"""Atomic, verified checkpoints.
+
+``step_XXXXXXXX.pt`` is written to a temporary name in the same folder, fsynced and renamed; then
+its SHA-256 and size go to ``step_XXXXXXXX.pt.sha256`` (also written atomically). A checkpoint
+without that file (killed between the two renames), with another size or another hash (truncated,
+corrupted) is refused by :func:`load` with a message naming the file; ``resume=auto`` then falls
+back to the newest good one. Rotation deletes old checkpoints only after the new one has been
+read back and verified, so the only good checkpoint is never deleted.
+"""
 from __future__ import annotations
 
+import hashlib
+import io
 import logging
 import os
 import pathlib
@@ -10,6 +20,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from rigl_ds import faults
 
 logger = logging.getLogger(__name__)
 
@@ -46,24 +58,74 @@ def _tuplify(x: Any) -> Any:
     return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-def save_atomic(obj: dict[str, Any], path: pathlib.Path) -> None:
-    """Write ``obj`` to ``path`` so that ``path`` is either absent, the old file, or complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _fsync_dir(d: pathlib.Path) -> None:
+    dir_fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _write_atomic(path: pathlib.Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            f.write(data)
             f.flush()
+            faults.point("checkpoint_write")
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+
+
+def checksum_path(path: pathlib.Path) -> pathlib.Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def save_atomic(obj: dict[str, Any], path: pathlib.Path) -> None:
+    """Write ``obj`` to ``path`` so that ``path`` is either absent, the old file, or complete,
+    then its checksum file. A failure (full disk, ...) removes the temporary file and re-raises;
+    nothing that existed before is touched."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    data = buf.getbuffer()
+    digest = hashlib.sha256(data).hexdigest()
+    _write_atomic(path, data)
+    _write_atomic(checksum_path(path), f"{digest}  {len(data)}\n".encode())
+    _fsync_dir(path.parent)
+
+
+def _expected(path: pathlib.Path) -> tuple[str, int]:
+    side = checksum_path(path)
     try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        digest, size = side.read_text().split()
+        return digest, int(size)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} has no checksum file {side.name} (the write was "
+                              "interrupted before it completed)") from None
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"checkpoint {path}: unreadable checksum file {side.name} ({e})") from None
+
+
+def verify(path: pathlib.Path) -> bytes:
+    """The checkpoint's bytes, or :class:`CheckpointError` if missing, truncated or corrupted."""
+    digest, size = _expected(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} does not exist") from None
+    except OSError as e:
+        raise CheckpointError(f"checkpoint {path} cannot be read ({e})") from None
+    if len(data) != size:
+        raise CheckpointError(f"checkpoint {path} is truncated or damaged: {len(data)} bytes, "
+                              f"{checksum_path(path).name} records {size}")
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise CheckpointError(f"checkpoint {path} is corrupted: its SHA-256 differs from "
+                              f"{checksum_path(path).name}")
+    return data
 
 
 def checkpoint_path(ckpt_dir: pathlib.Path, step: int) -> pathlib.Path:
@@ -79,19 +141,75 @@ def list_checkpoints(ckpt_dir: pathlib.Path) -> list[pathlib.Path]:
 
 
 def load(path: pathlib.Path) -> dict[str, Any]:
-    """Load a checkpoint or raise :class:`CheckpointError` naming the file."""
+    """Verify and load a checkpoint, or raise :class:`CheckpointError` naming the file."""
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    data = verify(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {path} does not exist") from None
-    except Exception as e:  # truncated or corrupted file
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+    except Exception as e:  # a file that matches its checksum but is not a torch checkpoint
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})") from None
     if not isinstance(obj, dict) or "step" not in obj or "model" not in obj:
         raise CheckpointError(f"checkpoint {path} is not a rigl_ds checkpoint")
     return obj
 
 
-def rotate(ckpt_dir: pathlib.Path, keep_last: int) -> None:
-    """Delete all but the newest ``keep_last`` checkpoints."""
+def rotate(ckpt_dir: pathlib.Path, keep_last: int, newest: pathlib.Path) -> None:
+    """After ``newest`` was written: verify it, then delete all but the newest ``keep_last``
+    checkpoints, and temporary files left by killed writers. If ``newest`` does not verify,
+    nothing is deleted and the error is raised."""
+    verify(newest)
     for path in list_checkpoints(ckpt_dir)[:-keep_last]:
+        if path == newest:
+            continue
+        checksum_path(path).unlink(missing_ok=True)
         path.unlink(missing_ok=True)
+    for tmp in ckpt_dir.glob(".step_*.tmp-*"):
+        if not tmp.name.endswith(f".tmp-{os.getpid()}"):
+            tmp.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- checkpoint folders
+
+MANIFEST = "complete"
+
+
+def _sha256_file(path: pathlib.Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(folder: pathlib.Path) -> None:
+    """Mark a checkpoint folder complete: a JSON manifest of every file's size and SHA-256."""
+    import json
+
+    files = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256_file(p)}
+             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    faults.point("checkpoint_write")
+    _write_atomic(folder / MANIFEST, json.dumps({"files": files}, indent=1).encode())
+    _fsync_dir(folder)
+
+
+def verify_folder(folder: pathlib.Path) -> None:
+    """Raise :class:`CheckpointError` naming the file unless every file of the manifest is intact."""
+    import json
+
+    try:
+        files = json.loads((folder / MANIFEST).read_text())["files"]
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {folder} is not complete (no {MANIFEST} manifest: the save "
+                              "was interrupted)") from None
+    except (ValueError, KeyError, OSError) as e:
+        raise CheckpointError(f"checkpoint {folder}: unreadable manifest {MANIFEST} ({e})") from None
+    for rel, want in files.items():
+        p = folder / rel
+        if not p.is_file():
+            raise CheckpointError(f"checkpoint {folder}: {rel} is missing")
+        if p.stat().st_size != want["size"]:
+            raise CheckpointError(f"checkpoint {folder}: {rel} is truncated or damaged "
+                                  f"({p.stat().st_size} bytes, the manifest records {want['size']})")
+        if _sha256_file(p) != want["sha256"]:
+            raise CheckpointError(f"checkpoint {folder}: {rel} is corrupted (SHA-256 differs from the manifest)")

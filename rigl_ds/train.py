@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from rigl_ds import checkpoint as ckpt
-from rigl_ds.config import ExperimentConfig, for_world, to_yaml
+from rigl_ds import faults
+from rigl_ds.config import ConfigError, ExperimentConfig, for_world, schedule_problems, to_yaml
 from rigl_ds.core import Sparsifier, build_sparsifier, forward_flops
 from rigl_ds.data import Data, DataInfo, build_data, describe_data
 from rigl_ds.models import build_model
@@ -161,8 +162,15 @@ def build_experiment(cfg: ExperimentConfig, *, with_data: bool = True, device: t
     data = build_data(cfg.data, seed=cfg.train.seed, rank=rank, world=world, device=device) if with_data else None
     info = data.info if data is not None else describe_data(cfg.data)
     spe, total = schedule_lengths(cfg, info, world)
+    problems = schedule_problems(cfg, total)
+    if problems:
+        raise ConfigError(problems)
     with device if meta else nullcontext():
-        model = build_model(cfg.model, info.num_classes, info.input_shape)
+        try:
+            model = build_model(cfg.model, info.num_classes, info.input_shape)
+        except (ValueError, TypeError, ImportError, RuntimeError) as e:
+            raise ConfigError([f"{cfg.where('model')}: model.name={cfg.model.name!r}, model.kwargs="
+                               f"{cfg.model.kwargs}: cannot build the model: {type(e).__name__}: {e}"]) from None
     if not meta:
         model = model.to(device)
         # DeepSpeed broadcasts and flattens parameters through byte views, which need contiguous
@@ -200,7 +208,7 @@ class Trainer:
                 self.sparsifier = build_sparsifier(self.model, self.optimizer, cfg.sparsity.to_core(cfg.train.seed),
                                                    total_steps=self.exp.total_steps, engine=self.rt.sparse_engine())
             except ValueError as e:
-                raise RunError(f"sparsity: {e}") from None
+                raise ConfigError([f"{cfg.where('sparsity')}: sparsity: {e}"]) from None
         spe, total = self.exp.steps_per_epoch, self.exp.total_steps
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(cfg, s, total, spe))
@@ -213,6 +221,9 @@ class Trainer:
         self.step = 0
         self.flops = self._flops()
         self.cum_flops = {"sparse": 0.0, "dense": 0.0}
+        self.nonfinite_steps = 0      # optimizer steps skipped for inf/NaN gradients
+        self._buffers = list(self.model.buffers())
+        self._buffer_backup = [b.detach().clone() for b in self._buffers]
         # running sums of the current logging window (saved, so a resumed run logs the same values)
         self.window: dict[str, Any] = {"loss_sum": 0.0, "correct1": 0.0, "correct5": 0.0, "n": 0}
         self.train_seconds = 0.0      # wall time inside train_step (this process, since start/resume)
@@ -252,9 +263,15 @@ class Trainer:
                 break
             except ckpt.CheckpointError as e:
                 if i == len(candidates) - 1:
+                    if len(candidates) > 1:
+                        raise ckpt.CheckpointError(f"{e}\nno usable checkpoint in {path.parent} (all "
+                                                   f"{len(candidates)} refused); move them away to start anew") from None
                     raise
                 logger.warning("%s; trying an older one", e)
-        self.load_state(state)
+        try:
+            self.load_state(state)
+        except (ValueError, KeyError) as e:
+            raise ckpt.CheckpointError(f"checkpoint {path} does not fit this experiment: {e}") from None
         logger.info("resumed from %s at step %d", path, self.step)
 
     # -------------------------------------------------------------- state
@@ -269,6 +286,7 @@ class Trainer:
             "mix_gen": self.mix_gen.get_state(),
             "mix_rng": self.mix_rng.bit_generator.state,
             "cum_flops": dict(self.cum_flops),
+            "nonfinite_steps": self.nonfinite_steps,
             "log_window": {k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in self.window.items()},
             "config": self.cfg.model_dump(mode="json"),
         }
@@ -285,11 +303,22 @@ class Trainer:
         self.mix_gen.set_state(state["mix_gen"])
         self.mix_rng.bit_generator.state = state["mix_rng"]
         self.cum_flops = dict(state["cum_flops"])
+        self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
         self.window = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in state["log_window"].items()}
         self.step = int(state["step"])
 
-    def save(self) -> pathlib.Path:
-        return self.rt.save(self.state(), self.run_dir / "checkpoints", self.step, self.cfg.checkpoint.keep_last)
+    def save(self, writer=None) -> pathlib.Path:
+        """Checkpoint this step (TensorBoard events up to it are flushed first). A failed write (full
+        disk, ...) stops the run with the error; the earlier checkpoints are untouched."""
+        if writer is not None:
+            writer.flush()
+        ckpt_dir = self.run_dir / "checkpoints"
+        try:
+            return self.rt.save(self.state(), ckpt_dir, self.step, self.cfg.checkpoint.keep_last)
+        except OSError as e:
+            kept = [p.name for p in self.rt.list_checkpoints(ckpt_dir)]
+            raise RunError(f"step {self.step}: writing the checkpoint to {ckpt_dir} failed ({e}); nothing was "
+                           f"replaced: checkpoints kept: {', '.join(kept) or 'none'}") from None
 
     # -------------------------------------------------------------- one step
     def _loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -310,7 +339,10 @@ class Trainer:
         """Forward/backward over the micro-batches, sparsifier, optimizer step, LR step."""
         accum = len(micro_batches)
         rt = self.rt
+        rt.start_step()
         rt.zero_grad()
+        if self._buffers:      # BatchNorm statistics, restored if this step's gradients are not finite
+            torch._foreach_copy_(self._buffer_backup, self._buffers)
         loss_sum = torch.zeros((), device=self.device)
         correct1 = torch.zeros((), device=self.device)
         correct5 = torch.zeros((), device=self.device)
@@ -333,14 +365,25 @@ class Trainer:
         rt.before_sparsifier(self.cfg.train.clip_grad_norm)
         dense_step = self.sparsifier is not None and self.sparsifier.is_update_step() and \
             self.sparsifier.needs_dense_grad
+        finite = rt.grads_finite()
         apply = self.sparsifier.step() if self.sparsifier is not None else True
-        rt.step(apply)
+        if not finite:       # as GradScaler does: no optimizer step from inf/NaN gradients
+            self.nonfinite_steps += 1
+            logger.warning("step %d: non-finite gradients: optimizer step skipped, BatchNorm statistics "
+                           "restored (%d such steps so far)", self.step, self.nonfinite_steps)
+            if self._buffers:
+                torch._foreach_copy_(self._buffers, self._buffer_backup)
+            loss_sum.zero_(), correct1.zero_(), correct5.zero_()
+            n_logged = 0
+        else:
+            n_logged = n
+        rt.step(apply and finite)
         self.lr_scheduler.step()
         f, n_all = self.flops, n * rt.world
         self.cum_flops["dense"] += 3 * f["dense"] * n_all
         self.cum_flops["sparse"] += ((2 * f["sparse"] + f["dense"]) if dense_step else 3 * f["sparse"]) * n_all
         self.step += 1
-        return {"loss_sum": loss_sum, "correct1": correct1, "correct5": correct5, "n": torch.tensor(n)}
+        return {"loss_sum": loss_sum, "correct1": correct1, "correct5": correct5, "n": torch.tensor(n_logged)}
 
     # -------------------------------------------------------------- the loop
     def run(self) -> dict[str, Any]:
@@ -361,7 +404,10 @@ class Trainer:
         stop = min(total, cfg.train.max_steps) if cfg.train.max_steps else total
         accum = cfg.train.grad_accumulation
         eval_every = max(1, int(round(cfg.train.eval_every_epochs * spe)))
-        writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step) \
+        # events of steps after the checkpoint (a killed run's) are hidden; the checkpoint's own step
+        # was logged before it was saved and is not logged again
+        resumed_at = self.step
+        writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step + 1 if self.step else None) \
             if cfg.logging.tensorboard and self.is_main else None
         if writer is not None and self.step == 0:
             writer.add_text("config", "```\n" + to_yaml(cfg) + "\n```", 0)
@@ -381,6 +427,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 stats = self.train_step(micro)
                 self.train_seconds += time.perf_counter() - t0
+                faults.point("step")
                 for k in window:
                     window[k] = window[k] + stats[k]
                 self.window = window
@@ -395,11 +442,12 @@ class Trainer:
                     self._eval(writer)
                 if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0 \
                         and self.step != stop:
-                    self.save()
+                    self.save(writer)
         bar.close()
+        # a run resumed from its final checkpoint logged its final evaluation before that save
+        final = self._eval(writer if resumed_at < stop else None)
         if cfg.checkpoint.at_end:
-            self.save()
-        final = self._eval(writer)
+            self.save(writer)
         if writer is not None:
             writer.close()
         result = {
@@ -460,12 +508,14 @@ class Trainer:
             writer.add_scalar("train/top5", top5, s)
             writer.add_scalar("train/lr", lr, s)
             writer.add_scalar("train/img_per_s", ips, s)
+            writer.add_scalar("train/nonfinite_steps", self.nonfinite_steps, s)
             writer.add_scalar("sparsity/global_density", density, s)
             writer.add_scalar("flops/train_ratio_cumulative",
                               self.cum_flops["sparse"] / max(self.cum_flops["dense"], 1.0), s)
         return {"loss_sum": 0.0, "correct1": 0.0, "correct5": 0.0, "n": 0}, now
 
     def _eval(self, writer) -> dict[str, float]:
+        self.rt.sync_buffers()
         res = evaluate(self.model, self.data.val_batches(), self.device, self.autocast, self.cfg.model.channels_last,
                        reduce=self.rt.all_reduce_sum)
         if writer is not None:

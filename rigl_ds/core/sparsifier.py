@@ -309,6 +309,10 @@ class Sparsifier:
                     f"{self.nnz[layer.name]} (another sparsity or distribution?)")
         for layer in self.layers:
             self.masks[layer.name].copy_(masks[layer.name])
+            w = self.engine.weight(layer.name)
+            stray = int(torch.count_nonzero(w[~self.masks[layer.name].to(w.device)]))
+            if stray:
+                logger.warning("%s: %d weights under the loaded mask are not zero; re-zeroed", layer.name, stray)
             self.engine.apply_mask(layer.name, self.masks[layer.name])
             if reset_optimizer_state:
                 self.engine.reset_optimizer_state(layer.name, self.masks[layer.name])

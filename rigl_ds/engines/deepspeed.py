@@ -20,6 +20,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from rigl_ds import faults
 from rigl_ds.core.layers import MaskedLayer
 
 from .dist_utils import broadcast_masks, check_masks_equal
@@ -107,8 +108,18 @@ class DeepSpeedEngineAdapter:
                     keys.append(k)
         return keys
 
+    def _link_loaded_optimizer_state(self) -> None:
+        """ZeRO 1/2 and the bf16 optimizer link their partitioned optimizer state to the
+        ``safe_*_optimizer_state`` accessors only after the first step; a run resumed just before a
+        mask update would find them unlinked. Link them now (DeepSpeed's own lazy initialiser)."""
+        opt = self.ds.optimizer
+        if getattr(opt, "_hp_optimizer_states_linked", True) is False and \
+                any(len(s) for s in self.base_optimizer.state.values()):
+            opt._lazy_init_hp_params_optimizer_state()
+
     @torch.no_grad()
     def reset_optimizer_state(self, name: str, keep: Tensor) -> None:
+        self._link_loaded_optimizer_state()
         u = _ds_utils()
         p = self._param(name)
         direct = self.base_optimizer.state.get(p)    # stage 0 fp32: the torch optimizer holds p itself
@@ -126,6 +137,7 @@ class DeepSpeedEngineAdapter:
         """From the synchronised masks, through the safe_* accessors."""
         self.apply_mask(name, new)
         self.reset_optimizer_state(name, old & new)
+        faults.point("mask_update")
 
     @torch.no_grad()
     def mask_grads(self) -> None:

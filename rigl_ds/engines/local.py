@@ -7,6 +7,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from rigl_ds import faults
 from rigl_ds.core.layers import MaskedLayer
 
 #: Optimizers measured (tests/unit/test_zeros_under_mask.py) to keep a weight exactly at 0 when
@@ -107,6 +108,7 @@ class LocalEngine:
             for value in self.optimizer.state.get(p, {}).values():
                 if isinstance(value, Tensor) and value.shape == p.shape:
                     zero_at(value, changed)
+        faults.point("mask_update")
 
     def _masked_inplace(self, t: Tensor, mask: Tensor) -> None:
         """``t[~mask] = 0`` in place, with no mask-sized temporary.

@@ -6,7 +6,6 @@ gives the core the matching mask adapter. The loop is the same for all three.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
 import logging
 import os
@@ -58,6 +57,13 @@ class LocalRuntime:
         self.dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def start_step(self) -> None:
+        """Before the first forward of a step."""
+
+    def sync_buffers(self) -> None:
+        """Give every rank rank 0's buffers (BatchNorm statistics): before evaluation, so that all
+        ranks evaluate the model that rank 0 checkpoints."""
+
     def backward(self, loss: torch.Tensor, accum: int) -> None:
         scaled = loss / accum
         (self.scaler.scale(scaled) if self.scaler else scaled).backward()
@@ -68,6 +74,13 @@ class LocalRuntime:
             self.scaler.unscale_(self.optimizer)
         if clip:
             nn.utils.clip_grad_norm_(self.module.parameters(), clip)
+
+    def grads_finite(self) -> bool:
+        """Are all gradients finite? (After all-reduce they are the same on every rank.)"""
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        if not grads:
+            return True
+        return bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
 
     def step(self, apply: bool) -> None:
         if apply:
@@ -102,14 +115,18 @@ class LocalRuntime:
             full = dict(state, model=self.module.state_dict(), optimizer=self.optimizer.state_dict(),
                         scaler=self.scaler.state_dict() if self.scaler else None)
             ckpt.save_atomic(full, path)
-            ckpt.rotate(ckpt_dir, keep_last)
+            ckpt.rotate(ckpt_dir, keep_last, path)
         self.barrier()
         return path
 
     def load(self, path: pathlib.Path) -> dict[str, Any]:
         state = ckpt.load(path)
-        self.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.module.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise ckpt.CheckpointError(f"checkpoint {path} does not fit this model/optimizer (another model?): "
+                                       f"{str(e).splitlines()[0]}") from None
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         return state
@@ -117,6 +134,14 @@ class LocalRuntime:
 
 class DistributedRuntime(LocalRuntime):
     """Collectives shared by the multi-process runtimes (the process group already exists)."""
+
+    def sync_buffers(self) -> None:
+        bufs = [b for b in self.module.buffers()]
+        if not bufs:
+            return
+        works = [self.dist.broadcast(b.data, src=0, async_op=True) for b in bufs]
+        for w in works:
+            w.wait()
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         self.dist.all_reduce(t)
@@ -176,12 +201,33 @@ class DeepSpeedRuntime(DistributedRuntime):
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.mask_sync = mask_sync
         self._adapter = None
+        # DeepSpeed holds reduced gradients in its own (partitioned) buffers: every local gradient
+        # is checked as it is produced, before the reduction, and the flags are combined at the step
+        self._nonfinite = torch.zeros((), dtype=torch.float32, device=engine.device)
+        for p in self.module.parameters():
+            if p.requires_grad:
+                p.register_hook(self._check_grad)
+
+    def _check_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        self._nonfinite.logical_or_(~torch.isfinite(grad).all())
+        return grad
+
+    def grads_finite(self) -> bool:
+        flag = self._nonfinite.clone()
+        self.dist.all_reduce(flag, op=self.dist.ReduceOp.MAX)
+        self._nonfinite.zero_()
+        return not bool(flag)
 
     def sparse_engine(self):
         from .deepspeed import DeepSpeedEngineAdapter
 
         self._adapter = DeepSpeedEngineAdapter(self.ds, self.optimizer, mask_sync=self.mask_sync)
         return self._adapter
+
+    def start_step(self) -> None:
+        # as DDP's broadcast_buffers: every rank starts the step from rank 0's BatchNorm statistics
+        # (the ones checkpointed), so a resumed run continues exactly
+        self.sync_buffers()
 
     def backward(self, loss: torch.Tensor, accum: int) -> None:
         self.ds.backward(loss)               # DeepSpeed divides by gradient_accumulation_steps itself
@@ -205,7 +251,7 @@ class DeepSpeedRuntime(DistributedRuntime):
     def list_checkpoints(self, ckpt_dir: pathlib.Path) -> list[pathlib.Path]:
         if not ckpt_dir.is_dir():
             return []
-        found = [p for p in ckpt_dir.glob("step_*") if p.is_dir() and (p / "complete").is_file()]
+        found = [p for p in ckpt_dir.glob("step_*") if p.is_dir() and (p / ckpt.MANIFEST).is_file()]
         return sorted(found, key=lambda p: p.name)
 
     def save(self, state: dict[str, Any], ckpt_dir: pathlib.Path, step: int, keep_last: int) -> pathlib.Path:
@@ -213,16 +259,23 @@ class DeepSpeedRuntime(DistributedRuntime):
         self.ds.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"rigl_ds": state})
         self.barrier()
         if self.rank == 0:
-            (ckpt_dir / tag / "complete").write_text(datetime.datetime.now().isoformat())
+            ckpt.write_manifest(ckpt_dir / tag)
+            ckpt.verify_folder(ckpt_dir / tag)
             for old in self.list_checkpoints(ckpt_dir)[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+                if old.name != tag:
+                    shutil.rmtree(old, ignore_errors=True)
         self.barrier()
         return ckpt_dir / tag
 
     def load(self, path: pathlib.Path) -> dict[str, Any]:
-        if not (path / "complete").is_file():
-            raise ckpt.CheckpointError(f"checkpoint {path} is not a complete DeepSpeed checkpoint folder")
-        _, client = self.ds.load_checkpoint(str(path.parent), tag=path.name)
+        if not path.is_dir():
+            raise ckpt.CheckpointError(f"checkpoint {path} does not exist (DeepSpeed checkpoints are folders)")
+        ckpt.verify_folder(path)
+        try:
+            _, client = self.ds.load_checkpoint(str(path.parent), tag=path.name)
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise ckpt.CheckpointError(f"checkpoint {path} does not fit this model/optimizer (another model or "
+                                       f"ZeRO layout?): {str(e).splitlines()[0]}") from None
         if not client or "rigl_ds" not in client:
             raise ckpt.CheckpointError(f"checkpoint {path} holds no rigl_ds state")
         return client["rigl_ds"]
