@@ -114,10 +114,12 @@ def cmd_eval(args) -> int:
 def cmd_validate(args) -> int:
     from rigl_ds.config import ConfigError, load_config
 
+    from rigl_ds.plan import make_plan
+
     bad = 0
     for path in args.configs:
         try:
-            load_config(path, args.overrides)
+            make_plan(load_config(path, args.overrides))      # schema, then model, layers and run length
             print(f"ok: {path}")
         except ConfigError as e:
             bad += 1

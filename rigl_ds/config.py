@@ -12,7 +12,8 @@ import pathlib
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 
 from rigl_ds.core.sparsifier import SparsityConfig as CoreSparsityConfig
 
@@ -197,6 +198,14 @@ class ExperimentConfig(_Strict):
     logging: LoggingSection = Field(default_factory=LoggingSection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     resume: Optional[str] = None                    # a checkpoint path, or "auto"
+    _source: str = PrivateAttr(default="<defaults>")   # the YAML file it came from (for messages)
+    _overridden: dict = PrivateAttr(default_factory=dict)   # dotted key -> the command-line override
+
+    def where(self, key: str) -> str:
+        """Where ``key``'s value came from: the command-line override that set it, or the file."""
+        item = self._overridden.get(key) or next(
+            (v for k, v in self._overridden.items() if k.startswith(key + ".")), None)
+        return f"command-line override {item!r}" if item else self._source
 
     @field_validator("name")
     @classmethod
@@ -317,6 +326,8 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
     if problems:
         raise ConfigError(problems)
     assert cfg is not None
+    cfg._source = source
+    cfg._overridden = overridden
     problems = semantic_problems(cfg, source)
     if problems:
         raise ConfigError(problems)
@@ -337,8 +348,9 @@ def semantic_problems(cfg: ExperimentConfig, source: str) -> list[str]:
     return out
 
 
-def for_world(cfg: ExperimentConfig, world: int, source: str = "the config") -> ExperimentConfig:
+def for_world(cfg: ExperimentConfig, world: int) -> ExperimentConfig:
     """The config as run on ``world`` ranks: ``train.global_batch`` turned into ``grad_accumulation``."""
+    source = cfg.where("train.global_batch")
     gb = cfg.train.global_batch
     if gb is None:
         return cfg
@@ -353,6 +365,23 @@ def for_world(cfg: ExperimentConfig, world: int, source: str = "the config") -> 
                            f"give {accum}); set only one of them"])
     out = cfg.model_copy(deep=True)
     out.train.grad_accumulation = accum
+    return out
+
+
+def schedule_problems(cfg: ExperimentConfig, total_steps: int) -> list[str]:
+    """Checks that need the run's length: a dynamic method must update its mask at least once."""
+    sp = cfg.sparsity
+    if sp.method not in ("rigl", "set"):
+        return []
+    out = []
+    t_end = sp.t_end if isinstance(sp.t_end, int) else int(round(sp.t_end * total_steps))
+    if isinstance(sp.t_end, int) and sp.t_end > total_steps:
+        out.append(f"{cfg.where('sparsity.t_end')}: sparsity.t_end={sp.t_end}: after the end of training ({total_steps} steps); give a "
+                   f"step <= {total_steps} or a fraction such as 0.75")
+    elif sp.delta >= t_end:
+        out.append(f"{cfg.where('sparsity.delta')}: sparsity.delta={sp.delta}: no mask update before T_end={t_end} (training has "
+                   f"{total_steps} steps); {sp.method} would be static: lower delta below {t_end} or use "
+                   "sparsity.method=static")
     return out
 
 

@@ -5,7 +5,7 @@ from typing import Any
 
 import torch
 
-from rigl_ds.config import ExperimentConfig
+from rigl_ds.config import ConfigError, ExperimentConfig
 from rigl_ds.core import UpdateSchedule, forward_flops, get_distribution, nnz_for, select_layers, training_flops_ratio
 from rigl_ds.train import build_experiment
 
@@ -16,12 +16,15 @@ def make_plan(cfg: ExperimentConfig, world: int = 1) -> dict[str, Any]:
     exp = build_experiment(cfg, with_data=False, meta=True, world=world)
     cfg = exp.cfg
     sp = cfg.sparsity
-    layers = select_layers(exp.model, sp.include, sp.exclude)
-    if sp.method == "dense":
-        densities = {l.name: 1.0 for l in layers}
-    else:
-        densities = get_distribution(sp.distribution)(layers, sp.sparsity, overrides=sp.overrides,
-                                                      power_scale=sp.erk_power_scale)
+    try:
+        layers = select_layers(exp.model, sp.include, sp.exclude)
+        if sp.method == "dense":
+            densities = {l.name: 1.0 for l in layers}
+        else:
+            densities = get_distribution(sp.distribution)(layers, sp.sparsity, overrides=sp.overrides,
+                                                          power_scale=sp.erk_power_scale)
+    except ValueError as e:
+        raise ConfigError([f"{cfg.where('sparsity')}: sparsity: {e}"]) from None
     rows = []
     for l in layers:
         nnz = nnz_for(l.numel, densities[l.name])

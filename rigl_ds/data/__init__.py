@@ -131,13 +131,23 @@ class LoaderData(Data):
     def train_batches(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         sampler = EpochBatchSampler(len(self.train_set), self.batch_size, seed=self.seed, epoch=epoch,
                                     rank=self.rank, world=self.world, start_batch=start_batch)
-        return iter(DataLoader(self.train_set, batch_sampler=sampler, num_workers=self.num_workers,
-                               persistent_workers=False, pin_memory=torch.cuda.is_available()))
+        return _plain_errors(DataLoader(self.train_set, batch_sampler=sampler, num_workers=self.num_workers,
+                                        persistent_workers=False, pin_memory=torch.cuda.is_available()))
 
     def val_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         sampler = EpochBatchSampler(len(self.val_set), self.eval_batch_size, seed=0, epoch=0, rank=self.rank,
                                     world=self.world, shuffle=False, drop_last=False)
-        return iter(DataLoader(self.val_set, batch_sampler=sampler, num_workers=self.num_workers))
+        return _plain_errors(DataLoader(self.val_set, batch_sampler=sampler, num_workers=self.num_workers))
+
+
+def _plain_errors(loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of ``loader``; a DataError raised in a worker process keeps its own message only
+    (DataLoader prefixes the worker's traceback)."""
+    try:
+        yield from loader
+    except DataError as e:
+        last = str(e).strip().splitlines()[-1]
+        raise DataError(last.removeprefix(f"{DataError.__module__}.DataError: ")) from None
 
 
 # --------------------------------------------------------------------------------- sources
@@ -175,12 +185,32 @@ def _image_dirs(cfg: DataSection) -> tuple[pathlib.Path, pathlib.Path]:
     return train, val
 
 
+class _CheckedLoader:
+    """PIL loader that turns a corrupt or unreadable image into a DataError naming the file
+    (not skipped: skipping would change the epoch's length and order)."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def __call__(self, path: str):
+        from PIL import Image
+
+        try:
+            with open(path, "rb") as f:
+                img = Image.open(f)
+                return img.convert("RGB")
+        except Exception as e:      # PIL raises OSError, SyntaxError, ValueError... for broken files
+            raise DataError(f"{self.source}: cannot decode image {path} ({type(e).__name__}: {e}); remove or "
+                            "replace it") from None
+
+
 def image_folder(cfg: DataSection, split_dir: pathlib.Path, transform=None):
-    """torchvision ``ImageFolder`` over one split; a missing, empty or unreadable folder is a DataError."""
+    """torchvision ``ImageFolder`` over one split; a missing, empty or unreadable folder is a DataError,
+    and so is a corrupt image when it is read."""
     from torchvision.datasets import ImageFolder
 
     try:
-        return ImageFolder(str(split_dir), transform=transform)
+        return ImageFolder(str(split_dir), transform=transform, loader=_CheckedLoader(f"data.path={cfg.path!r}"))
     except (FileNotFoundError, OSError) as e:
         raise DataError(f"data.path={cfg.path!r}: {split_dir}: {e}") from None
 

@@ -80,11 +80,37 @@ def val_pipeline(files: list[str], labels: list[int], *, shard_id: int, num_shar
     return pipe()
 
 
-def _batches(iterator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """DALI's dict batches as the project's batch type: NCHW float images (channels-last memory), int64 labels."""
-    for out in iterator:
-        b = out[0]
-        yield b["data"].permute(0, 3, 1, 2), b["label"].view(-1).long()
+def undecodable(files: list[str]) -> list[tuple[str, str]]:
+    """(file, reason) for each file PIL cannot decode (DALI's decoder errors do not name the file)."""
+    from PIL import Image
+
+    bad = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                im.load()
+        except Exception as e:      # PIL raises OSError, SyntaxError, ValueError... for broken files
+            bad.append((f, f"{type(e).__name__}: {e}"))
+    return bad
+
+
+def _batches(iterator, files: list[str], batch_size: int, source: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """DALI's dict batches as the project's batch type: NCHW float images (channels-last memory),
+    int64 labels. A decoding failure becomes a DataError naming the broken file(s) (found among the
+    batches DALI was preparing)."""
+    b = 0
+    try:
+        for out in iterator:
+            d = out[0]
+            yield d["data"].permute(0, 3, 1, 2), d["label"].view(-1).long()
+            b += 1
+    except RuntimeError as e:
+        window = files[b * batch_size:(b + 4) * batch_size]      # this batch and DALI's prefetched ones
+        bad = undecodable(window)
+        named = "; ".join(f"{f} ({why})" for f, why in bad[:5]) or "not found by PIL among the next " \
+            f"{len(window)} files: {str(e).splitlines()[0]}"
+        raise DataError(f"{source}: DALI could not decode an image: {named}. Remove or replace the file "
+                        "(corrupt images are not skipped: that would change the epoch's length and order)") from None
 
 
 @dataclass
@@ -128,13 +154,15 @@ class DaliData(Data):
         # DALI's shard `rank` of `world` is exactly this rank's remaining slice
         order = epoch_order(n, self.seed, epoch)
         picked = [i for r in range(self.world) for i in order[r * per_rank + skip:(r + 1) * per_rank]]
-        pipe = train_pipeline([self.train_samples[i][0] for i in picked], [self.train_samples[i][1] for i in picked],
+        files = [self.train_samples[i][0] for i in picked]
+        pipe = train_pipeline(files, [self.train_samples[i][1] for i in picked],
                               shard_id=self.rank, num_shards=self.world, size=self.image_size, on_gpu=self.on_gpu,
                               batch_size=self.batch_size, num_threads=self.num_threads, device_id=self.device_id,
                               seed=(self.seed * 1_000_003 + epoch * 1_009 + self.rank * 7 + start_batch) % 2**31)
         it = DALIGenericIterator(pipe, ["data", "label"], reader_name=READER,
                                  last_batch_policy=LastBatchPolicy.DROP, auto_reset=False)
-        return _batches(it)
+        mine = files[self.rank * (per_rank - skip):(self.rank + 1) * (per_rank - skip)]
+        return _batches(it, mine, self.batch_size, self.source)
 
     def val_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         _, _, _, DALIGenericIterator, LastBatchPolicy = import_dali()
@@ -145,4 +173,6 @@ class DaliData(Data):
                                 device_id=self.device_id)
             self._val = DALIGenericIterator(pipe, ["data", "label"], reader_name=READER,
                                             last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True)
-        return _batches(self._val)
+        n = len(self.val_samples)      # DALI's shard of this rank: [n*rank//world, n*(rank+1)//world)
+        mine = [f for f, _ in self.val_samples[n * self.rank // self.world:n * (self.rank + 1) // self.world]]
+        return _batches(self._val, mine, self.eval_batch_size, self.source)

@@ -4,7 +4,6 @@ import json
 
 import pytest
 
-from tests.distributed.harness import free_port  # noqa: F401  (launch() picks free ports)
 from tests.distributed.test_launchers import ROOT, ds_state, launch
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
