@@ -44,14 +44,15 @@ def worker(rank, world):
     results = []
     for name, w, m, gs, k, split in cases():
         lo, hi = (0, split) if rank == 0 else (split, w.numel())
-        new, dropped, grown = drop_and_grow_sharded(w[lo:hi], m[lo:hi], gs[lo:hi].abs(), lo, k)
-        results.append((name, lo, new, dropped + lo, grown + lo))
+        for numel in (None, w.numel()):                  # int64 and int32 indices on the wire
+            new, dropped, grown = drop_and_grow_sharded(w[lo:hi], m[lo:hi], gs[lo:hi].abs(), lo, k, numel=numel)
+            results.append((name, lo, new, dropped + lo, grown + lo))
     return results
 
 
 def test_distributed_selection_equals_the_whole_tensor_reference():
     per_rank = run_ranks(worker)
-    for i, (name, w, m, gs, k, split) in enumerate(cases()):
+    for i, (name, w, m, gs, k, split) in enumerate(c for c in cases() for _ in range(2)):
         want = drop_and_grow(m, w.abs(), gs.abs(), k)
         got = torch.cat([per_rank[r][i][2] for r in (0, 1)])
         assert torch.equal(got, want), name
