@@ -21,3 +21,24 @@ def peak_bytes(fn, device: torch.device = torch.device("cpu")) -> int:
         live += e.self_cpu_memory_usage
         peak = max(peak, live)
     return peak
+
+
+def spawn_ranks(worker, world: int, args, results: int) -> list:
+    """Run ``worker(rank, world, port, args, queue)`` on ``world`` spawned processes (gloo on a free
+    loopback port) and return the first ``results`` items the workers put on the queue."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    procs = [ctx.Process(target=worker, args=(r, world, port, args, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    out = [queue.get() for _ in range(results)]
+    for p in procs:
+        p.join()
+    return out

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 import time
 
 import torch
-import torch.multiprocessing as mp
+
+from _common import spawn_ranks
 
 
 def worker(rank: int, world: int, port: int, args, queue) -> None:
@@ -83,17 +83,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--image-size", type=int, default=32)
     args = ap.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    procs = [ctx.Process(target=worker, args=(r, 2, port, args, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    res = queue.get()
-    for p in procs:
-        p.join()
+    res = spawn_ranks(worker, 2, args, results=1)[0]
     d, p = res["dense"], res["packed"]
     print(f"model {args.model}, sparsity {args.sparsity} (ERK), 2 gloo ranks, batch {args.batch}/rank")
     print(f"  dense all-reduce : {d['bytes_per_ordinary_step'] / 1e6:10.3f} MB per ordinary step, "

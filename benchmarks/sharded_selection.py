@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import time
 
 import torch
-import torch.multiprocessing as mp
+
+from _common import spawn_ranks
 
 
 def worker(rank: int, world: int, port: int, args, queue) -> None:
@@ -79,17 +79,7 @@ def main() -> None:
     ap.add_argument("--alpha", type=float, default=0.3)
     ap.add_argument("--world", type=int, default=2)
     args = ap.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=worker, args=(r, args.world, port, args, queue)) for r in range(args.world)]
-    for p in procs:
-        p.start()
-    rows = sorted(queue.get() for _ in procs)
-    for p in procs:
-        p.join()
+    rows = sorted(spawn_ranks(worker, args.world, args, results=args.world))
     for rank, sel, full, t_sel, t_ref, exact in rows:
         print(f"rank {rank}: distributed selection received {sel / 2**20:.2f} MiB vs {full / 2**20:.1f} MiB to "
               f"gather every layer's weight and gradient whole (x{sel / full:.4f}); selection {t_sel:.2f} s "

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU smoke test of the ImageNet kit on one CUDA GPU (under 8 minutes on one H100):
+# GPU smoke test of the ImageNet kit on one CUDA GPU (sized to finish in under 8 minutes on one H100;
+# it has not run on a GPU yet, so that is a target, not a measurement):
 # DALI GPU pipeline on a generated JPEG folder, ResNet-50 dense vs RigL with AMP + channels-last
 # (img/s of each in the same run, mask-update time), then `rigl-ds train` on an ImageNet YAML with
 # data.backend=dali-gpu.

@@ -34,7 +34,7 @@ overrides = st.lists(st.builds(lambda k, v: f"{k}={v}", st.sampled_from(KEYS + [
                                st.one_of(st.text(max_size=10), scalars.map(str))), max_size=3)
 
 
-def check_error(e: ConfigError, path: pathlib.Path, given_overrides: list[str]) -> None:
+def check_error(e: ConfigError, path: pathlib.Path) -> None:
     assert e.problems
     for line in e.problems:
         assert line.startswith(str(path)) or line.startswith("command-line override") or \
@@ -50,7 +50,7 @@ def test_random_documents_and_overrides_validate_or_raise_config_error(tmp_path,
     try:
         cfg = load_config(path, items)
     except ConfigError as e:
-        check_error(e, path, items)
+        check_error(e, path)
         event("refused by validation")
         return
     # accepted: the plan (meta-device model, schedule, FLOPs) builds or is refused by a project error
@@ -70,7 +70,7 @@ def test_random_text_as_yaml(tmp_path, text):
     try:
         load_config(path)
     except ConfigError as e:
-        check_error(e, path, [])
+        check_error(e, path)
 
 
 QUICK = ROOT / "configs" / "quickstart.yaml"
