@@ -27,6 +27,28 @@ from .dist_utils import broadcast_masks, check_masks_equal
 from .local import ZERO_PRESERVING_OPTIMIZERS
 
 
+def init_deepspeed_comm(backend: str = "gloo") -> None:
+    """``deepspeed.init_distributed`` without DeepSpeed's CPU shared-memory all-reduce op.
+
+    On the CPU accelerator DeepSpeed JIT-compiles ``deepspeed_shm_comm`` when its communication
+    backend starts (about 50 s of C++ on a fresh 2-core machine) and maps two 69 MB
+    ``/dev/shm/deepspeed_allreduce_buffer_*`` segments per rank and port, which are never unlinked
+    when a rank is killed (kill -9, preemption, a failed test): leaked segments are RAM, and 21 GB of
+    them starved a machine here. The op only serves ``inference_all_reduce``, which training never
+    calls; ZeRO and rigl_ds reduce through torch.distributed. DeepSpeed caches its op-compatibility
+    probe in ``deepspeed.ops.__compatible_ops__`` ("edits to it persist"), and its backend builds
+    the op only where that says compatible, so the entry is turned off here. GPUs are untouched.
+    """
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend=backend)
+
+
 def _ds_utils():
     import deepspeed.utils as u
 

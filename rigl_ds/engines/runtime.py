@@ -325,10 +325,10 @@ def init_distributed(engine: str) -> None:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend)
     if engine == "deepspeed":
-        import deepspeed
+        from rigl_ds.engines.deepspeed import init_deepspeed_comm
 
         # DeepSpeed adopts the process group made above (on CPU its own default is much slower here)
-        deepspeed.init_distributed(dist_backend=backend)
+        init_deepspeed_comm(backend)
 
 
 def build_runtime(cfg, model: nn.Module, optimizer_fn: Callable[[nn.Module], torch.optim.Optimizer],

@@ -48,9 +48,12 @@ def check_ds_invariants(adapter, sp, stage):
 def ds_worker(rank, world, stage):
     import deepspeed
 
-    from rigl_ds.engines.deepspeed import DeepSpeedEngineAdapter
+    from rigl_ds.engines.deepspeed import DeepSpeedEngineAdapter, init_deepspeed_comm
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_deepspeed_comm("gloo")
+    from deepspeed.comm import comm as ds_comm
+
+    assert ds_comm.cdb.shm_comm_op is None      # no JIT build, no /dev/shm segments (see init_deepspeed_comm)
     model = make_nobn(dtype=torch.float32)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
     cfg = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1, "steps_per_print": 10**9,

@@ -2,12 +2,12 @@
 import json
 import os
 import pathlib
-import subprocess
 import sys
 
 import pytest
 import torch
 
+from tests import procs
 from tests.distributed.harness import free_port
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -24,8 +24,8 @@ def launch(script: str, *args: str, env: dict | None = None, background: bool = 
     e.update(env or {})
     cmd = ["bash", str(ROOT / "launch" / script), *args]
     if background:
-        return subprocess.Popen(cmd, env=e, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    p = subprocess.run(cmd, env=e, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        return procs.Proc(cmd, env=e, cwd=ROOT, timeout=600, merge_output=True)
+    p = procs.run(cmd, env=e, cwd=ROOT)
     if check:
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-6000:]
     return p
@@ -55,9 +55,8 @@ def test_torchrun_ddp_resume_and_two_nodes(tmp_path):
     env = dict(NNODES="2", NPROC_PER_NODE="1", MASTER_PORT=str(free_port()))
     procs = [launch("torchrun.sh", CFG, *SHORT, f"logging.run_dir={nodes}", env=dict(env, NODE_RANK=str(r)),
                     background=True) for r in (0, 1)]
-    for p in procs:
-        out, _ = p.communicate(timeout=600)
-        assert p.returncode == 0, out[-4000:]
+    for p in [p.finish() for p in procs]:
+        assert p.returncode == 0, p.stdout[-4000:]
     assert_same_state(a, load(nodes / "checkpoints" / "step_00000088.pt"))
 
 
@@ -96,8 +95,7 @@ def test_deepspeed_json_that_disagrees_with_the_yaml_is_refused(tmp_path):
     bad.write_text(json.dumps({"train_micro_batch_size_per_gpu": 64, "zero_optimization": {"stage": 1}}))
     e = dict(os.environ, PATH=f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}",
              MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
-    p = subprocess.run(["bash", str(ROOT / "launch" / "deepspeed.sh"), CFG, str(bad), *SHORT,
-                        f"logging.run_dir={tmp_path / 'run'}"], env=e, cwd=ROOT, capture_output=True, text=True,
-                       timeout=600)
+    p = procs.run(["bash", str(ROOT / "launch" / "deepspeed.sh"), CFG, str(bad), *SHORT,
+                   f"logging.run_dir={tmp_path / 'run'}"], env=e, cwd=ROOT)
     assert p.returncode != 0
     assert "train_micro_batch_size_per_gpu=64 but the YAML gives 16" in p.stdout + p.stderr

@@ -2,13 +2,13 @@
 then resume=auto: the run ends bit-identical to an uninterrupted one, TensorBoard included."""
 import os
 import pathlib
-import subprocess
 import sys
 
 import pytest
 import torch
 
 from rigl_ds.checkpoint import load
+from tests import procs
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +26,7 @@ def run(run_dir, fault=None, resume=False, config="configs/quickstart.yaml", ext
     cmd = [sys.executable, "-m", "rigl_ds.cli", "train", config, *ARGS, f"logging.run_dir={run_dir}", *extra]
     if resume:
         cmd.append("resume=auto")
-    p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    p = procs.run(cmd, env=env, cwd=ROOT)
     if fault:
         assert p.returncode == -9, (fault, p.returncode, p.stderr[-3000:])   # killed by SIGKILL
     else:

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from rigl_ds.checkpoint import load
+from tests import procs
 from tests.distributed.test_launchers import ROOT, launch
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -15,11 +16,10 @@ ARGS = ["train.epochs=2", "train.global_batch=32", "sparsity.delta=10", "logging
 
 
 def local(run_dir, *extra):
-    import subprocess
     import sys
 
-    p = subprocess.run([sys.executable, "-m", "rigl_ds.cli", "train", CFG, *ARGS, "engine.name=local",
-                        f"logging.run_dir={run_dir}", *extra], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    p = procs.run([sys.executable, "-m", "rigl_ds.cli", "train", CFG, *ARGS, "engine.name=local",
+                   f"logging.run_dir={run_dir}", *extra], cwd=ROOT)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
     return p
 

@@ -1,12 +1,12 @@
 """launch/gpu_smoke.sh's Python part, run at toy sizes on CPU (--cpu): the script works end to end.
 It measures nothing here; its GPU numbers come from a run on a CUDA machine."""
 import json
-import subprocess
 import sys
 
 import pytest
 
 from rigl_ds.data.testing import make_image_folder
+from tests import procs
 from tests.unit.test_config import ROOT
 
 pytestmark = pytest.mark.slow
@@ -16,9 +16,8 @@ def test_gpu_smoke_script_dry_run_on_cpu(tmp_path):
     pytest.importorskip("nvidia.dali", reason="NVIDIA DALI not installed (pip install -e .[dali])")
     folder = make_image_folder(tmp_path / "img", classes=3, train_per_class=12, val_per_class=5, encode_index=False)
     out = tmp_path / "smoke.json"
-    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_smoke.py"), "--cpu", "--folder", str(folder),
-                        "--run-dir", str(tmp_path / "run"), "--json", str(out)],
-                       capture_output=True, text=True, timeout=600, cwd=ROOT)
+    p = procs.run([sys.executable, str(ROOT / "benchmarks" / "gpu_smoke.py"), "--cpu", "--folder", str(folder),
+                   "--run-dir", str(tmp_path / "run"), "--json", str(out)], cwd=ROOT)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
     r = json.loads(out.read_text())
     assert r["dali"]["val_images"] == r["dali"]["val_expected"] == 15 and r["dali"]["layout_channels_last"]

@@ -1,0 +1,47 @@
+"""The suite cannot stall CI: hung ranks and hung launchers fail their test within a deadline, with stacks,
+and leave no process behind."""
+import os
+import sys
+import time
+
+import pytest
+
+from tests import procs
+from tests.distributed.harness import run_ranks
+
+
+def sleeping_worker(rank, world):
+    if rank == 1:
+        time.sleep(3600)         # rank 0 then blocks in the harness's barrier: a two-rank deadlock
+    return rank
+
+
+@pytest.mark.distributed
+def test_a_hung_rank_fails_with_its_stack_after_the_deadline():
+    t = time.monotonic()
+    with pytest.raises(AssertionError, match="still running after 8 s") as e:
+        run_ranks(sleeping_worker, deadline=8)
+    assert time.monotonic() - t < 60
+    assert "sleeping_worker" in str(e.value)              # where rank 1 hung
+    assert "barrier" in str(e.value)                       # where rank 0 waited
+
+
+def test_a_hung_launcher_is_killed_with_its_children(tmp_path):
+    pid_file = tmp_path / "child.pid"
+    # a "launcher" whose child keeps the output pipe open: plain subprocess.run(timeout=) would wait for it
+    script = f"import subprocess, sys; c = subprocess.Popen(['sleep', '3600']); open({str(pid_file)!r}, 'w').write(str(c.pid)); c.wait()"
+    t = time.monotonic()
+    with pytest.raises(AssertionError, match="timed out after 3 s"):
+        procs.run([sys.executable, "-c", script], timeout=3)
+    assert time.monotonic() - t < 30
+    child = int(pid_file.read_text())
+    for _ in range(50):                                    # SIGKILLed; reaped by init shortly after
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        if open(f"/proc/{child}/stat").read().split()[2] == "Z":
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"child {child} of the timed-out command is still running")
