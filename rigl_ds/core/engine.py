@@ -11,6 +11,7 @@ from typing import Callable, Mapping, Protocol, Sequence, runtime_checkable
 from torch import Tensor
 
 from .layers import MaskedLayer
+from .selection import update_mask_with_changes
 
 
 @runtime_checkable
@@ -24,11 +25,29 @@ class Engine(Protocol):
         may be masked before or during the all-reduce)."""
 
     def weight(self, name: str) -> Tensor:
-        """The full weight of a masked layer (read only; its device is where masks live)."""
+        """The weight of a masked layer as this rank's mask covers it (read only; its device is
+        where masks live): the full weight, or this rank's shard for sharded engines (FSDP2)."""
 
     def dense_grad(self, name: str) -> Tensor | None:
-        """The full dense gradient of a masked weight, averaged over ranks and micro-batches,
-        before masking; only valid between backward and the optimizer step. None if no gradient."""
+        """The dense gradient of a masked weight (full, or this rank's shard, as ``weight``),
+        averaged over ranks and micro-batches, before masking; only valid between backward and
+        the optimizer step. None if no gradient."""
+
+    def shard(self, name: str, full: Tensor) -> Tensor:
+        """This rank's part of a tensor of the layer's full shape (a new tensor): what the
+        sparsifier keeps as the layer's mask. The whole tensor unless masks are sharded."""
+
+    def select(self, name: str, mask: Tensor, weight: Tensor, grow_score: Tensor, k: int
+               ) -> tuple[Tensor, Tensor, Tensor]:
+        """Drop the ``k`` active positions of smallest |weight|, grow the ``k`` of largest
+        ``grow_score`` among those inactive after the drop (SPEC §4, ties to the lower global
+        index), exactly over the whole layer, on the part this rank holds. Returns (new mask,
+        dropped, grown): this rank's flat positions that changed (a position dropped and regrown
+        is in neither)."""
+
+    def total(self, t: Tensor) -> Tensor:
+        """The sum of ``t`` over the ranks that hold different parts of the masks (in place);
+        ``t`` itself where every rank holds whole masks."""
 
     def apply_mask(self, name: str, mask: Tensor) -> None:
         """Zero the weight at ``~mask`` in every copy the engine keeps."""
@@ -58,3 +77,17 @@ class Engine(Protocol):
 
     def add_post_step_hook(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` after every optimizer step."""
+
+
+class WholeMasks:
+    """The :class:`Engine` methods of engines whose ranks each hold every mask whole."""
+
+    def shard(self, name: str, full: Tensor) -> Tensor:
+        return full
+
+    def select(self, name: str, mask: Tensor, weight: Tensor, grow_score: Tensor, k: int
+               ) -> tuple[Tensor, Tensor, Tensor]:
+        return update_mask_with_changes(mask, weight, grow_score, k)
+
+    def total(self, t: Tensor) -> Tensor:
+        return t

@@ -30,7 +30,7 @@ from .distributions import DISTRIBUTIONS, achieved_density, get_distribution, nn
 from .engine import Engine
 from .layers import MaskedLayer, select_layers
 from .schedule import ANNEALS, UpdateSchedule
-from .selection import random_mask, update_mask_with_changes
+from .selection import random_mask
 
 logger = logging.getLogger(__name__)
 
@@ -122,10 +122,10 @@ class Sparsifier:
         self.last_update: dict[str, Any] | None = None
 
         masks: dict[str, Tensor] = {}
-        for layer in self.layers:
+        for layer in self.layers:           # drawn whole on every rank; kept as the engine keeps weights
             device = self.engine.weight(layer.name).device
             flat = random_mask(layer.numel, self.nnz[layer.name], self.generator)
-            masks[layer.name] = flat.view(layer.shape).to(device)
+            masks[layer.name] = self.engine.shard(layer.name, flat.view(layer.shape)).to(device)
         self.engine.sync_masks(masks)
         self.masks = masks
         self.engine.bind(self.layers, self.masks, self.wants_dense_grad)
@@ -208,10 +208,11 @@ class Sparsifier:
         grads: dict[str, Tensor] = {}
         for layer in self.layers:
             g = self.engine.dense_grad(layer.name)
-            grads[layer.name] = g if g is not None else torch.zeros(
-                layer.shape, device=self.masks[layer.name].device)
+            mask = self.masks[layer.name]
+            grads[layer.name] = g if g is not None else torch.zeros(mask.shape, device=mask.device)
         finite = torch.stack([torch.isfinite(g).all() for g in grads.values()]).all()
-        if not bool(finite):
+        bad = self.engine.total((~finite).to(torch.int64).view(1))   # over the shards of sharded masks
+        if int(bad.item()):
             self.skipped_nonfinite += 1
             logger.warning("step %d: non-finite dense gradient, not used for the grow score", t)
             return None
@@ -241,17 +242,24 @@ class Sparsifier:
             if k == 0 or n_active == layer.numel:   # a dense layer regrows exactly what it drops
                 continue
             weight = self.engine.weight(name).detach()
-            new_masks[name], dropped, grown = update_mask_with_changes(mask, weight, self.grow_score(name, grads), k)
+            new_masks[name], dropped, grown = self.engine.select(name, mask, weight, self.grow_score(name, grads), k)
             changes[name] = (dropped, grown)
         self.engine.sync_masks(new_masks)
+        names = list(new_masks)
+        # per layer (active, grown) over all ranks: the exact active count is checked on every update
+        counts = self.engine.total(torch.tensor([[int(new_masks[n].sum()), changes[n][1].numel()] for n in names],
+                                                dtype=torch.int64).view(-1, 2))
         per_layer: dict[str, float] = {}
         grown_total = 0
-        for name, new in new_masks.items():
-            old = self.masks[name]
+        for i, name in enumerate(names):
+            active, grown = int(counts[i, 0]), int(counts[i, 1])
+            if active != self.nnz[name]:
+                raise RuntimeError(f"step {t}: layer {name!r} has {active} active weights after the mask update, "
+                                   f"expected {self.nnz[name]}")
+            old, new = self.masks[name], new_masks[name]
             dropped, grown_idx = changes[name]
             self.engine.apply_update(name, old, new, dropped, grown_idx)
             old.copy_(new)
-            grown = grown_idx.numel()
             grown_total += grown
             per_layer[name] = grown / self.nnz[name]
         active_total = sum(self.nnz.values())
@@ -299,13 +307,15 @@ class Sparsifier:
             missing, extra = sorted(expected - set(masks)), sorted(set(masks) - expected)
             raise ValueError(f"sparsifier state masks do not match the model: missing {missing}, unexpected {extra}")
         for layer in self.layers:
-            m = masks[layer.name]
-            if m.dtype != torch.bool or tuple(m.shape) != layer.shape:
+            m, here = masks[layer.name], tuple(self.masks[layer.name].shape)   # whole, or this rank's shard
+            if m.dtype != torch.bool or tuple(m.shape) != here:
                 raise ValueError(
-                    f"mask {layer.name!r}: expected bool {layer.shape}, got {m.dtype} {tuple(m.shape)}")
-            if int(m.sum()) != self.nnz[layer.name]:
+                    f"mask {layer.name!r}: expected bool {here}, got {m.dtype} {tuple(m.shape)}")
+        active = self.engine.total(torch.tensor([int(masks[l.name].sum()) for l in self.layers], dtype=torch.int64))
+        for layer, n in zip(self.layers, active.tolist()):
+            if n != self.nnz[layer.name]:
                 raise ValueError(
-                    f"mask {layer.name!r} has {int(m.sum())} active weights, this sparsifier expects "
+                    f"mask {layer.name!r} has {n} active weights, this sparsifier expects "
                     f"{self.nnz[layer.name]} (another sparsity or distribution?)")
         for layer in self.layers:
             self.masks[layer.name].copy_(masks[layer.name])
@@ -343,8 +353,9 @@ class SET(Static):
     updates = True
 
     def grow_score(self, name: str, grads: Mapping[str, Tensor] | None) -> Tensor:
-        mask = self.masks[name]
-        return torch.rand(mask.shape, generator=self.generator).to(mask.device)
+        mask = self.masks[name]       # drawn whole on every rank (same generator), then this rank's part
+        shape = next(l.shape for l in self.layers if l.name == name)
+        return self.engine.shard(name, torch.rand(shape, generator=self.generator)).to(mask.device)
 
 
 class RigL(SET):

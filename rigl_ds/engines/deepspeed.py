@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from rigl_ds import faults
+from rigl_ds.core.engine import WholeMasks
 from rigl_ds.core.layers import MaskedLayer
 
 from .dist_utils import broadcast_masks, check_masks_equal
@@ -55,7 +56,7 @@ def _ds_utils():
     return u
 
 
-class DeepSpeedEngineAdapter:
+class DeepSpeedEngineAdapter(WholeMasks):
     """Core :class:`~rigl_ds.core.engine.Engine` for a DeepSpeed engine (names are those of ``engine.module``)."""
 
     def __init__(self, ds_engine, base_optimizer: torch.optim.Optimizer | None = None, *,

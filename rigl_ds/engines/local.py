@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from rigl_ds import faults
+from rigl_ds.core.engine import WholeMasks
 from rigl_ds.core.layers import MaskedLayer
 
 #: Optimizers measured (tests/unit/test_zeros_under_mask.py) to keep a weight exactly at 0 when
@@ -35,7 +36,7 @@ def zero_at(t: Tensor, flat_idx: Tensor) -> None:
         t.index_put_(torch.unravel_index(flat_idx, t.shape), torch.zeros((), dtype=t.dtype, device=t.device))
 
 
-class LocalEngine:
+class LocalEngine(WholeMasks):
     """Adapter for a model trained by a plain ``torch.optim`` optimizer in this process."""
 
     CHUNK = 1 << 18      # elements per step of the CPU masking loop (1 MiB float32 buffer)

@@ -1,0 +1,195 @@
+"""FSDP2 plugin (``torch.distributed.fsdp.fully_shard``): masks sharded exactly like their weights.
+
+FSDP2 keeps every parameter as a DTensor sharded on dim 0 over a 1-D device mesh: rank r holds
+rows ``[r*c, min((r+1)*c, d0))`` with ``c = ceil(d0 / world)`` (possibly none), i.e. one contiguous
+slice of the row-major flattened weight. Each rank keeps the mask of its own slice, as a local
+bool tensor of the local shard's shape, and:
+
+* ordinary steps: after backward (FSDP2 has reduce-scattered the rank-averaged gradient), the
+  local shard of each masked gradient is zeroed under the local mask (``register_hook`` on FSDP2
+  parameters does not see the sharded gradient, so masking happens after backward);
+* weights and optimizer states (DTensors sharded like the weight) are edited through
+  ``to_local()``, in place;
+* the mask update never gathers a weight: each rank proposes its local k best drop and grow
+  candidates, an all-gather of k*world (value, global index) pairs decides the exact global k
+  (:mod:`rigl_ds.engines.dist_select`), and each rank applies the winners in its slice.
+  ``selection="gather"`` is the simple reference: ``full_tensor()`` of weight, score and mask per
+  layer, the single-process selection, then this rank's slice.
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from rigl_ds import faults
+from rigl_ds.core.layers import MaskedLayer
+from rigl_ds.core.selection import update_mask_with_changes
+
+from .dist_select import drop_and_grow_sharded
+from .local import LocalEngine, zero_at
+
+SELECTIONS = ("sharded", "gather")
+
+
+def local(t: Tensor) -> Tensor:
+    """The local tensor of a DTensor (a view: in-place edits stick), else ``t``."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+class ShardLayoutError(ValueError):
+    """A parameter is not sharded the way this engine supports (dim 0 over a 1-D mesh)."""
+
+
+def row_slice(d0: int, world: int, rank: int) -> tuple[int, int]:
+    """(first row, row count) of ``rank``'s dim-0 shard, as ``torch.chunk`` / FSDP2 split rows."""
+    c = math.ceil(d0 / world) if d0 else 0
+    start = min(rank * c, d0)
+    return start, min(c, d0 - start)
+
+
+class FSDP2Engine(LocalEngine):
+    """Adapter for a model whose masked layers are sharded by ``fully_shard``."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, *,
+                 selection: str = "sharded") -> None:
+        if selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {', '.join(SELECTIONS)}, got {selection!r}")
+        super().__init__(model, optimizer)
+        self.selection = selection
+        self._slices: dict[str, tuple[int, int, tuple[int, ...], int]] = {}   # offset, local numel, local shape, numel
+        self._group = None
+        self.masks: Mapping[str, Tensor] = {}
+
+    def _layout(self, name: str) -> tuple[int, int, tuple[int, ...], int]:
+        got = self._slices.get(name)
+        if got is not None:
+            return got
+        from torch.distributed.tensor import DTensor, Shard
+
+        p = self._param(name)
+        if not isinstance(p, DTensor):
+            raise ShardLayoutError(f"{name!r} is not a DTensor: apply fully_shard to the model (or a module "
+                                   "holding it) before building the sparsifier")
+        if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+            raise ShardLayoutError(f"{name!r} is placed as {tuple(p.placements)} on a {p.device_mesh.ndim}-D mesh; "
+                                   "masks follow FSDP2's default Shard(0) over a 1-D mesh only")
+        group = p.device_mesh.get_group()
+        if self._group is None:
+            self._group = group
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        start, rows = row_slice(p.shape[0], world, rank)
+        loc = local(p.data)
+        if loc.shape[0] != rows or tuple(loc.shape[1:]) != tuple(p.shape[1:]):
+            raise ShardLayoutError(f"{name!r}: local shard {tuple(loc.shape)} on rank {rank} is not rows "
+                                   f"[{start}, {start + rows}) of {tuple(p.shape)} (uneven custom sharding?)")
+        row = math.prod(p.shape[1:])
+        got = self._slices[name] = (start * row, rows * row, tuple(loc.shape), p.numel())
+        return got
+
+    # ---------------------------------------------------------------- reads
+    def weight(self, name: str) -> Tensor:
+        return local(self._param(name).detach())
+
+    def dense_grad(self, name: str) -> Tensor | None:
+        g = self._param(name).grad
+        return None if g is None else local(g)
+
+    def shard(self, name: str, full: Tensor) -> Tensor:
+        offset, n, shape, _ = self._layout(name)
+        return full.reshape(-1)[offset:offset + n].reshape(shape).clone()
+
+    def total(self, t: Tensor) -> Tensor:
+        dist.all_reduce(t, group=self._group)
+        return t
+
+    # ---------------------------------------------------------------- the update
+    def select(self, name: str, mask: Tensor, weight: Tensor, grow_score: Tensor, k: int
+               ) -> tuple[Tensor, Tensor, Tensor]:
+        offset, n, shape, numel = self._layout(name)
+        if self.selection == "gather":
+            full = [self._gather(t, name) for t in (mask, weight, grow_score)]
+            new_full, _, _ = update_mask_with_changes(full[0], full[1], full[2], k)
+            new = new_full.reshape(-1)[offset:offset + n].reshape(shape).clone()
+        else:
+            new, _, _ = drop_and_grow_sharded(weight, mask, grow_score, offset, k, numel=numel, group=self._group)
+        old_flat, new_flat = mask.reshape(-1), new.reshape(-1)
+        dropped = (old_flat & ~new_flat).nonzero().view(-1)
+        grown = (new_flat & ~old_flat).nonzero().view(-1)
+        return new, dropped, grown
+
+    def _gather(self, t: Tensor, name: str) -> Tensor:
+        """The whole layer from every rank's slice (the reference path)."""
+        world = dist.get_world_size(self._group)
+        numel = self._layout(name)[3]
+        shape = self._param(name).shape
+        c = math.ceil(shape[0] / world) * math.prod(shape[1:])
+        flat = torch.zeros(c, dtype=t.dtype, device=t.device)
+        flat[:t.numel()] = t.reshape(-1)
+        parts = [torch.empty_like(flat) for _ in range(world)]
+        dist.all_gather(parts, flat, group=self._group)
+        counts = [row_slice(shape[0], world, r)[1] * math.prod(shape[1:]) for r in range(world)]
+        whole = torch.cat([p[:n] for p, n in zip(parts, counts)])
+        assert whole.numel() == numel
+        return whole.view(shape)
+
+    # ---------------------------------------------------------------- writes (local shards, in place)
+    def bind(self, layers: Sequence[MaskedLayer], masks: Mapping[str, Tensor], dense_grad_wanted=lambda: True) -> None:
+        for l in layers:
+            self._layout(l.name)
+        self.masks = masks               # this rank's shards (the sparsifier's own tensors)
+        super().bind(layers, masks, dense_grad_wanted)
+
+    @torch.no_grad()
+    def apply_mask(self, name: str, mask: Tensor) -> None:
+        w = local(self._param(name).data)
+        torch.where(mask, w, self._zero(w), out=w)
+
+    def _states(self, name: str) -> list[Tensor]:
+        if self.optimizer is None:
+            return []
+        p = self._param(name)
+        return [local(v) for v in self.optimizer.state.get(p, {}).values()
+                if isinstance(v, Tensor) and v.shape == p.shape]
+
+    @torch.no_grad()
+    def reset_optimizer_state(self, name: str, keep: Tensor) -> None:
+        for v in self._states(name):
+            torch.where(keep, v, self._zero(v), out=v)
+
+    @torch.no_grad()
+    def apply_update(self, name: str, old: Tensor, new: Tensor, dropped: Tensor, grown: Tensor) -> None:
+        """Each rank decided its own slice exactly: only its changed positions are written."""
+        zero_at(local(self._param(name).data), dropped)
+        changed = torch.cat([dropped, grown])
+        for v in self._states(name):
+            zero_at(v, changed)
+        faults.point("mask_update")
+
+    @torch.no_grad()
+    def mask_grads(self) -> None:
+        for param, mask in self._pairs:
+            if param.grad is not None:
+                self._masked_inplace(local(param.grad), mask)
+
+    @torch.no_grad()
+    def mask_weights(self) -> None:
+        for param, mask in self._pairs:
+            self._masked_inplace(local(param.data), mask)
+
+    def sync_masks(self, masks: Mapping[str, Tensor]) -> None:
+        """Nothing to send: every rank computes the same global decision (from the same all-gathered
+        candidates) and keeps its slice; the sparsifier checks the exact active count of every
+        layer over all ranks after each update."""
+
+    def check_masks(self, masks: Mapping[str, Tensor]) -> None:
+        """Each rank's masks must have its local shards' shapes."""
+        for name, m in masks.items():
+            shape = self._layout(name)[2]
+            if tuple(m.shape) != shape:
+                raise ShardLayoutError(f"mask {name!r} has shape {tuple(m.shape)}, this rank's shard is {shape}")

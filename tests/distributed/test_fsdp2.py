@@ -1,0 +1,106 @@
+"""FSDP2 (fully_shard) on gloo ranks: masks sharded like their weights, the same masks as one process.
+
+The model has a layer whose rows do not split evenly (7 classes: rows 4 + 3 on 2 ranks, 3 + 3 + 1 on
+3), float64 and fixed seeds as in test_ddp, so the masks compared are decided far above rounding."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rigl_ds import RigL
+from tests.distributed.harness import run_ranks
+from tests.distributed.test_ddp import DELTA, STEPS
+from tests.helpers import NoBNCNN, batch
+
+pytestmark = pytest.mark.distributed
+
+CLASSES = 7
+
+
+def make_model(dtype=torch.float64) -> NoBNCNN:
+    torch.manual_seed(0)
+    return NoBNCNN(num_classes=CLASSES).to(dtype)
+
+
+def data(t: int, dtype=torch.float64):
+    x, y = batch(t, size=12, dtype=dtype)
+    return x, y % CLASSES
+
+
+def single_process():
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    sp = RigL(model, opt, total_steps=STEPS, sparsity=0.8, delta=DELTA, grad_accumulation_n=2)
+    masks = []
+    for t in range(STEPS):
+        x, y = data(t)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        if sp.step():
+            opt.step()
+        if sp.last_update and sp.last_update["step"] == t:
+            masks.append({n: m.clone() for n, m in sp.masks.items()})
+    return masks, {n: p.detach().clone() for n, p in model.named_parameters()}, sp.last_update
+
+
+def check_local_invariants(model, opt, sp, engine) -> None:
+    """Every rank: masks have its shard's shape, zeros under them in the weight and optimizer state shards."""
+    from rigl_ds.engines.fsdp2 import local, row_slice
+
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    params = dict(model.named_parameters())
+    for name, mask in sp.masks.items():
+        p = params[name]
+        w = local(p.detach())
+        assert mask.shape == w.shape and w.shape[0] == row_slice(p.shape[0], world, rank)[1], name
+        assert torch.count_nonzero(w[~mask]) == 0, (name, "weight shard")
+        for key, st in opt.state.get(p, {}).items():
+            if torch.is_tensor(st) and st.shape == p.shape:
+                assert torch.count_nonzero(local(st)[~mask]) == 0, (name, key)
+    counts = engine.total(torch.tensor([int(m.sum()) for m in sp.masks.values()]))
+    assert counts.tolist() == [sp.nnz[n] for n in sp.masks]
+
+
+def fsdp_worker(rank, world, selection):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from rigl_ds.engines.fsdp2 import FSDP2Engine
+
+    mesh = init_device_mesh("cpu", (world,))
+    model = make_model()
+    for m in (model.conv1, model.conv2, model.fc1, model.fc2):
+        fully_shard(m, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    engine = FSDP2Engine(model, opt, selection=selection)
+    sp = RigL(model, opt, total_steps=STEPS, sparsity=0.8, delta=DELTA, grad_accumulation_n=2, engine=engine)
+    check_local_invariants(model, opt, sp, engine)
+    masks = []
+    for t in range(STEPS):
+        x, y = data(t)
+        per = x.shape[0] // world
+        opt.zero_grad()
+        F.cross_entropy(model(x[rank * per:(rank + 1) * per]), y[rank * per:(rank + 1) * per]).backward()
+        if sp.step():
+            opt.step()
+        check_local_invariants(model, opt, sp, engine)
+        if sp.last_update and sp.last_update["step"] == t:
+            masks.append({n: engine._gather(m, n) for n, m in sp.masks.items()})
+    weights = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+    return masks, weights, sp.last_update
+
+
+@pytest.mark.parametrize("world,selection", [(2, "sharded"), (2, "gather"), (3, "sharded")],
+                         ids=["2-ranks-sharded-topk", "2-ranks-gather-reference", "3-ranks-uneven-sharded-topk"])
+def test_fsdp2_equals_single_process(world, selection):
+    ref_masks, ref_w, ref_last = single_process()
+    assert len(ref_masks) == (STEPS * 3 // 4 - 1) // DELTA == 4
+    assert ref_last["churn"] > 0
+    for masks, weights, last in run_ranks(fsdp_worker, selection, world=world):
+        assert len(masks) == len(ref_masks)
+        for got, want in zip(masks, ref_masks):
+            for n in want:
+                assert torch.equal(got[n], want[n]), n
+        for n, w in ref_w.items():
+            torch.testing.assert_close(weights[n], w, rtol=1e-9, atol=1e-12)
+        assert last == ref_last                    # churn counted over all shards
