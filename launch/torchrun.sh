@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Data-parallel RigL (DDP) under torchrun, one node or several.
+# RigL under torchrun, one node or several: DDP, or FSDP2 with ENGINE=fsdp2 (see launch/fsdp2.sh).
 #   launch/torchrun.sh CONFIG.yaml [key=value ...]
 # Environment (defaults: one node, every GPU, or 2 CPU processes without a GPU):
 #   NNODES=1 NODE_RANK=0 NPROC_PER_NODE=<gpus|2> MASTER_ADDR=127.0.0.1 MASTER_PORT=29500
@@ -12,4 +12,4 @@ if [ -z "${NPROC_PER_NODE:-}" ]; then
 fi
 exec torchrun --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" --nproc_per_node "$NPROC_PER_NODE" \
   --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}" \
-  -m rigl_ds.cli train "$config" engine.name=ddp "$@"
+  -m rigl_ds.cli train "$config" engine.name="${ENGINE:-ddp}" "$@"

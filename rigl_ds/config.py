@@ -161,10 +161,15 @@ class TrainSection(_Strict):
 
 
 class EngineSection(_Strict):
-    name: Literal["local", "ddp", "deepspeed"] = "local"
+    name: Literal["local", "ddp", "deepspeed", "fsdp2"] = "local"
     deepspeed_config: Optional[str] = None          # DeepSpeed JSON (no RigL keys in it)
     packed_allreduce: bool = True                   # ddp: all-reduce only active gradient entries
     mask_sync: Literal["broadcast", "verify"] = "broadcast"
+    # fsdp2: exact top-k over the shards ("sharded", O(k*world) values a layer) or the reference
+    # that gathers each layer's full_tensor() ("gather")
+    fsdp2_selection: Literal["sharded", "gather"] = "sharded"
+    # fsdp2: module class names that get their own fully_shard unit (then the root); none: the root only
+    fsdp2_units: list[str] = ["BasicBlock", "Bottleneck"]
 
 
 class PrecisionSection(_Strict):
@@ -343,6 +348,9 @@ def semantic_problems(cfg: ExperimentConfig, source: str) -> list[str]:
     if cfg.engine.name == "deepspeed" and cfg.train.clip_grad_norm:
         out.append(f"{source}: train.clip_grad_norm: not used with DeepSpeed; set 'gradient_clipping' "
                    "in the DeepSpeed JSON instead")
+    if cfg.engine.name == "fsdp2" and cfg.precision.dtype == "fp16":
+        out.append(f"{source}: precision.dtype: 'fp16' is not supported with engine.name='fsdp2' (its loss "
+                   "scaler is not shard-aware here); use 'bf16' or 'fp32'")
     if cfg.lr_schedule.name == "step" and not cfg.lr_schedule.step_epochs:
         out.append(f"{source}: lr_schedule.step_epochs: required for lr_schedule.name='step'")
     return out

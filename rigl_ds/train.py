@@ -175,7 +175,7 @@ def build_experiment(cfg: ExperimentConfig, *, with_data: bool = True, device: t
         model = model.to(device)
         # DeepSpeed broadcasts and flattens parameters through byte views, which need contiguous
         # (NCHW) weights; channels-last inputs alone still select channels-last convolutions
-        if cfg.model.channels_last and cfg.engine.name != "deepspeed":
+        if cfg.model.channels_last and cfg.engine.name not in ("deepspeed", "fsdp2"):
             model = model.to(memory_format=torch.channels_last)
     return Experiment(cfg=cfg, info=info, model=model, steps_per_epoch=spe, total_steps=total, data=data,
                       device=device)
@@ -471,13 +471,11 @@ class Trainer:
         if self.sparsifier is None:
             writer.add_scalar("sparsity/global_density", 1.0, step)
             return
-        masks = self.sparsifier.masks
-        active = sum(int(m.sum()) for m in masks.values())
-        total = sum(m.numel() for m in masks.values())
-        writer.add_scalar("sparsity/global_density", active / total, step)
+        # exact active counts (checked over all ranks at every update; masks may be sharded)
+        writer.add_scalar("sparsity/global_density", self.sparsifier.global_density, step)
         if self.cfg.logging.per_layer:
-            for name, m in masks.items():
-                writer.add_scalar(f"density/{name}", int(m.sum()) / m.numel(), step)
+            for name, d in self.sparsifier.layer_densities().items():
+                writer.add_scalar(f"density/{name}", d, step)
 
     def _log_update(self, writer, step: int) -> None:
         upd = self.sparsifier.last_update
@@ -516,7 +514,7 @@ class Trainer:
 
     def _eval(self, writer) -> dict[str, float]:
         self.rt.sync_buffers()
-        res = evaluate(self.model, self.data.val_batches(), self.device, self.autocast, self.cfg.model.channels_last,
+        res = evaluate(self.model, self.rt.eval_batches(self.data.val_batches(), self.exp.info.input_shape), self.device, self.autocast, self.cfg.model.channels_last,
                        reduce=self.rt.all_reduce_sum)
         if writer is not None:
             writer.add_scalar("eval/top1", res["top1"], self.step)

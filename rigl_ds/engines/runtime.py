@@ -1,7 +1,7 @@
 """What the one training loop needs from an engine: forward, backward, step, ranks, checkpoints.
 
-``build_runtime`` wraps a model and optimizer for ``engine.name`` = local | ddp | deepspeed and
-gives the core the matching mask adapter. The loop is the same for all three.
+``build_runtime`` wraps a model and optimizer for ``engine.name`` = local | ddp | deepspeed | fsdp2
+and gives the core the matching mask adapter. The loop is the same for all four.
 """
 from __future__ import annotations
 
@@ -93,6 +93,10 @@ class LocalRuntime:
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
+
+    def eval_batches(self, batches, input_shape: tuple[int, ...]):
+        """The validation batches this rank evaluates (FSDP2: padded so every rank runs as many forwards)."""
+        return batches
 
     # ------------------------------------------------------------------ collectives
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
@@ -285,6 +289,174 @@ class DeepSpeedRuntime(DistributedRuntime):
         return client["rigl_ds"]
 
 
+class FSDP2Runtime(DistributedRuntime):
+    """torchrun / SLURM: ``fully_shard`` (FSDP2) over a 1-D mesh of all ranks; masks sharded like weights.
+
+    Checkpoints are torch.distributed.checkpoint (DCP) folders: model, optimizer, masks and the
+    RigL-Adam-style scores as sharded tensors (any world size can load them), plus rank 0's
+    ``rigl_ds.pt`` (loop, sparsifier and RNG state) and a ``complete`` manifest written last.
+    """
+
+    name = "fsdp2"
+
+    def __init__(self, model: nn.Module, optimizer_fn: Callable[[nn.Module], torch.optim.Optimizer],
+                 device: torch.device, *, units: list[str], selection: str, dtype: str) -> None:
+        import torch.distributed as dist
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        self.dist = dist
+        self.mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+            if dtype == "bf16" else MixedPrecisionPolicy()
+        wrapped = 0
+        for m in list(model.modules())[1:]:
+            if type(m).__name__ in units:
+                fully_shard(m, mesh=self.mesh, mp_policy=mp)
+                wrapped += 1
+        fully_shard(model, mesh=self.mesh, mp_policy=mp)
+        super().__init__(model, optimizer_fn(model), device, None)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.selection = selection
+        self._adapter = None
+        logger.info("fsdp2: %d units (%s) + root over %d ranks", wrapped, ", ".join(units) or "-", self.world)
+
+    def sparse_engine(self):
+        from .fsdp2 import FSDP2Engine
+
+        self._adapter = FSDP2Engine(self.module, self.optimizer, selection=self.selection)
+        return self._adapter
+
+    def no_sync(self, last: bool):
+        @contextlib.contextmanager
+        def sync(on: bool):
+            self.module.set_requires_gradient_sync(on)
+            try:
+                yield
+            finally:
+                self.module.set_requires_gradient_sync(True)
+        return sync(last)
+
+    def start_step(self) -> None:
+        self.sync_buffers()              # every rank starts from rank 0's BatchNorm statistics (checkpointed)
+
+    def grads_finite(self) -> bool:
+        from .fsdp2 import local
+
+        grads = [local(p.grad) for p in self.module.parameters() if p.grad is not None]
+        bad = torch.zeros((), dtype=torch.float32, device=self.device)
+        if grads:
+            bad = (~torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()).float()
+        self.dist.all_reduce(bad, op=self.dist.ReduceOp.MAX)
+        return not bool(bad)
+
+    def eval_batches(self, batches, input_shape: tuple[int, ...]):
+        """Forwards are collectives under FSDP2: a rank out of batches runs empty ones until all are."""
+        it = iter(batches)
+        while True:
+            batch = next(it, None)
+            more = torch.tensor(float(batch is not None), device=self.device)
+            self.dist.all_reduce(more, op=self.dist.ReduceOp.MAX)
+            if not bool(more):
+                self.reshard()
+                return
+            yield batch if batch is not None else (torch.zeros((0, *input_shape)), torch.zeros(0, dtype=torch.long))
+
+    # checkpoints: DCP folders with a "complete" manifest, like DeepSpeed's
+    list_checkpoints = DeepSpeedRuntime.list_checkpoints
+
+    def reshard(self) -> None:
+        """Free the unsharded parameters a forward without backward (evaluation, FLOPs count) left
+        behind (FSDP2 keeps the root's after forward): parameters are DTensor shards again."""
+        from torch.distributed.fsdp import FSDPModule
+
+        for m in self.module.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()
+
+    def _sharded(self, state: dict[str, Any]) -> dict[str, Any]:
+        """The tensors DCP saves and loads (resharded to this world size): model, optimizer, masks, scores."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+        from torch.distributed.tensor import DTensor
+
+        self.reshard()
+        params = dict(self.module.named_parameters())
+
+        def like_param(name: str, t: torch.Tensor):
+            p = params[name]
+            return DTensor.from_local(t, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                      stride=torch.empty(p.shape, device="meta").stride())
+
+        out = {"model": get_model_state_dict(self.module), "optimizer": get_optimizer_state_dict(self.module, self.optimizer)}
+        sp = state.get("sparsifier")
+        if sp is not None:
+            out["masks"] = {n: like_param(n, m) for n, m in sp["masks"].items()}
+            if sp.get("score") is not None:
+                out["score"] = {n: like_param(n, s) for n, s in sp["score"].items()}
+        return out
+
+    def save(self, state: dict[str, Any], ckpt_dir: pathlib.Path, step: int, keep_last: int) -> pathlib.Path:
+        """Every rank writes its shards into ``.step_N.tmp``; rank 0 adds ``rigl_ds.pt`` and the
+        manifest, then renames the folder into place (a checkpoint of the same step, e.g. the one
+        this run resumed from, is replaced only then)."""
+        import torch.distributed.checkpoint as dcp
+
+        tag = ckpt_dir / f"step_{step:08d}"
+        tmp = ckpt_dir / f".{tag.name}.tmp"
+        if self.rank == 0 and tmp.exists():          # left by a killed save
+            shutil.rmtree(tmp)
+        self.barrier()
+        sp = state.get("sparsifier")
+        dcp.save(self._sharded(state), checkpoint_id=str(tmp))
+        if self.rank == 0:
+            rest = dict(state, model="dcp", sparsifier=None if sp is None else dict(sp, masks=None, score=None))
+            ckpt.save_atomic(rest, tmp / "rigl_ds.pt")
+        self.barrier()
+        if self.rank == 0:
+            ckpt.write_manifest(tmp)
+            ckpt.verify_folder(tmp)
+            old = ckpt_dir / f".{tag.name}.old"
+            if tag.exists():
+                tag.rename(old)
+            tmp.rename(tag)
+            shutil.rmtree(old, ignore_errors=True)
+            for stale in self.list_checkpoints(ckpt_dir)[:-keep_last]:
+                if stale.name != tag.name:
+                    shutil.rmtree(stale, ignore_errors=True)
+        self.barrier()
+        return tag
+
+    def load(self, path: pathlib.Path) -> dict[str, Any]:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        if not path.is_dir():
+            raise ckpt.CheckpointError(f"checkpoint {path} does not exist (FSDP2 checkpoints are DCP folders)")
+        ckpt.verify_folder(path)
+        state = ckpt.load(path / "rigl_ds.pt")
+        sp = state.get("sparsifier")
+        template = dict(state)
+        if sp is not None:        # templates of this rank's shards, filled in place by dcp.load
+            adapter = self._adapter
+            if adapter is None:
+                raise ckpt.CheckpointError("an FSDP2 checkpoint with masks needs the sparsifier built first")
+            sp = dict(sp)
+            sp["masks"] = {n: torch.zeros_like(m) for n, m in adapter.masks.items()}
+            if sp.get("score_count"):
+                sp["score"] = {n: torch.zeros(m.shape, dtype=torch.float32, device=m.device)
+                               for n, m in adapter.masks.items()}
+            template["sparsifier"] = sp
+        sharded = self._sharded(template)
+        try:
+            dcp.load(sharded, checkpoint_id=str(path))
+            set_model_state_dict(self.module, sharded["model"])
+            set_optimizer_state_dict(self.module, self.optimizer, sharded["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise ckpt.CheckpointError(f"checkpoint {path} does not fit this model/optimizer (another model?): "
+                                       f"{str(e).splitlines()[0]}") from None
+        return template
+
+
 def deepspeed_config(path: str, *, micro_batch: int, grad_accumulation: int, world: int, dtype: str) -> dict:
     """Load a DeepSpeed JSON and fill in (or check) its batch sizes and precision from the YAML."""
     p = pathlib.Path(path)
@@ -341,6 +513,9 @@ def build_runtime(cfg, model: nn.Module, optimizer_fn: Callable[[nn.Module], tor
     if name == "ddp":
         return DDPRuntime(model, optimizer_fn, device, scaler, packed_allreduce=cfg.engine.packed_allreduce,
                           mask_sync=cfg.engine.mask_sync)
+    if name == "fsdp2":
+        return FSDP2Runtime(model, optimizer_fn, device, units=cfg.engine.fsdp2_units,
+                            selection=cfg.engine.fsdp2_selection, dtype=cfg.precision.dtype)
     import torch.distributed as dist
 
     ds_cfg = deepspeed_config(cfg.engine.deepspeed_config, micro_batch=cfg.data.batch_size,

@@ -99,3 +99,59 @@ def test_deepspeed_json_that_disagrees_with_the_yaml_is_refused(tmp_path):
                    f"logging.run_dir={tmp_path / 'run'}"], env=e, cwd=ROOT)
     assert p.returncode != 0
     assert "train_micro_batch_size_per_gpu=64 but the YAML gives 16" in p.stdout + p.stderr
+
+
+FSDP2_CFG = str(ROOT / "configs" / "quickstart_fsdp2.yaml")
+
+
+def dcp_state(run: pathlib.Path, step: int) -> dict:
+    """A DCP checkpoint folder read whole (any world size wrote it) + its rigl_ds.pt."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from rigl_ds.checkpoint import load, verify_folder
+
+    tag = run / "checkpoints" / f"step_{step:08d}"
+    verify_folder(tag)
+    out = run / f"dcp_{step}.pt"
+    dcp_to_torch_save(tag, out)
+    tensors = torch.load(out, weights_only=False)
+    out.unlink()
+    return dict(tensors, rigl_ds=load(tag / "rigl_ds.pt"))
+
+
+def assert_same_dcp(a: dict, b: dict) -> None:
+    assert set(a["masks"]) == set(b["masks"]) and a["masks"]
+    for k, m in a["masks"].items():
+        assert m.dtype == torch.bool and torch.equal(m, b["masks"][k]), k
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert set(sa) == set(sb) and sa
+    for p, st in sa.items():
+        for key, v in st.items():
+            assert torch.equal(v, sb[p][key]), (p, key)
+    ra, rb = a["rigl_ds"]["sparsifier"], b["rigl_ds"]["sparsifier"]
+    for key in ("step", "pending", "last_update", "score_count"):
+        assert ra[key] == rb[key], key
+    assert torch.equal(ra["generator"], rb["generator"])
+
+
+def test_fsdp2_sharded_checkpoints_resume_at_another_world_size_and_exactly(tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    out = launch("fsdp2.sh", FSDP2_CFG, *SHORT, f"logging.run_dir={straight}", "checkpoint.every_steps=20").stdout
+    assert "test accuracy: top-1" in out and "achieved density: 0.1000" in out
+    launch("fsdp2.sh", FSDP2_CFG, *SHORT, f"logging.run_dir={split}", "train.max_steps=53")
+    two = dcp_state(split, 53)
+    assert two["rigl_ds"]["sparsifier"]["last_update"]["step"] == 50
+    for name, m in two["masks"].items():                           # whole masks assembled from 2 shards
+        assert torch.count_nonzero(two["model"][name][~m]) == 0, name
+        assert torch.count_nonzero(two["optimizer"]["state"][name]["momentum_buffer"][~m]) == 0, name
+    # 2 -> 1: one process loads the 2-rank shards and (already at its last step) saves them again
+    launch("fsdp2.sh", FSDP2_CFG, *SHORT, f"logging.run_dir={split}", "train.max_steps=53", "resume=auto",
+           env={"NPROC_PER_NODE": "1"})
+    one = dcp_state(split, 53)
+    assert len(list((split / "checkpoints" / "step_00000053").glob("*.distcp"))) == 1
+    assert_same_dcp(two, one)
+    # 1 -> 2, then on to the end: bit-identical to the run that never stopped
+    launch("fsdp2.sh", FSDP2_CFG, *SHORT, f"logging.run_dir={split}", "resume=auto")
+    assert_same_dcp(dcp_state(straight, 88), dcp_state(split, 88))
