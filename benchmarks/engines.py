@@ -1,4 +1,4 @@
-"""Step time of RigL vs dense on the same engine: local, DDP (torchrun) and DeepSpeed ZeRO 0-3.
+"""Step time of RigL vs dense on the same engine: local, DDP and FSDP2 (torchrun), DeepSpeed ZeRO 0-3.
 
 Runs the quickstart (digits, small CNN, 90% ERK, delta 20) through the real CLI and launchers,
 RigL and dense alternately, and prints the mean train-step time of each and their ratio.
@@ -21,6 +21,7 @@ CFG = str(ROOT / "configs" / "quickstart_ddp.yaml")
 ENGINES = {
     "local": ("local", None),
     "ddp": ("torchrun.sh", None),
+    "fsdp2": ("fsdp2.sh", None),
     **{f"deepspeed-z{s}": ("deepspeed.sh", str(ROOT / "ds_configs" / f"zero{s}_fp32.json")) for s in range(4)},
 }
 

@@ -37,13 +37,13 @@ class Engine(Protocol):
         """This rank's part of a tensor of the layer's full shape (a new tensor): what the
         sparsifier keeps as the layer's mask. The whole tensor unless masks are sharded."""
 
-    def select(self, name: str, mask: Tensor, weight: Tensor, grow_score: Tensor, k: int
-               ) -> tuple[Tensor, Tensor, Tensor]:
-        """Drop the ``k`` active positions of smallest |weight|, grow the ``k`` of largest
-        ``grow_score`` among those inactive after the drop (SPEC §4, ties to the lower global
-        index), exactly over the whole layer, on the part this rank holds. Returns (new mask,
-        dropped, grown): this rank's flat positions that changed (a position dropped and regrown
-        is in neither)."""
+    def select(self, masks: Mapping[str, Tensor], k: Mapping[str, int], grow_score: Callable[[str], Tensor]
+               ) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
+        """For each layer named in ``k``: drop its ``k`` active positions of smallest |weight|, grow
+        the ``k`` of largest ``grow_score(name)`` among those inactive after the drop (SPEC §4, ties
+        to the lower global index), exactly over the whole layer, on the part this rank holds.
+        Returns per layer (new mask, dropped, grown): this rank's flat positions that changed (a
+        position dropped and regrown is in neither). ``grow_score`` is called in ``k``'s order."""
 
     def total(self, t: Tensor) -> Tensor:
         """The sum of ``t`` over the ranks that hold different parts of the masks (in place);
@@ -85,9 +85,11 @@ class WholeMasks:
     def shard(self, name: str, full: Tensor) -> Tensor:
         return full
 
-    def select(self, name: str, mask: Tensor, weight: Tensor, grow_score: Tensor, k: int
-               ) -> tuple[Tensor, Tensor, Tensor]:
-        return update_mask_with_changes(mask, weight, grow_score, k)
+    def select(self, masks: Mapping[str, Tensor], k: Mapping[str, int], grow_score: Callable[[str], Tensor]
+               ) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
+        # one layer at a time: a single grow score is alive at once
+        return {n: update_mask_with_changes(masks[n], self.weight(n).detach(), grow_score(n), kn)
+                for n, kn in k.items()}
 
     def total(self, t: Tensor) -> Tensor:
         return t

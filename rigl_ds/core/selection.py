@@ -60,7 +60,7 @@ _SAMPLE = 32768         # sample size for the threshold estimate
 _EXACT_BELOW = 65536    # below this many values a plain kthvalue is as fast
 
 
-def _k_extreme_positions(values: Tensor, k: int, *, largest: bool, exclude: Tensor | None = None) -> Tensor:
+def k_extreme_positions(values: Tensor, k: int, *, largest: bool, exclude: Tensor | None = None) -> Tensor:
     """Flat positions (ascending) of the ``k`` smallest (or largest) ``values``, ties to the lower
     index, ignoring positions where ``exclude`` is True. Exact.
 
@@ -128,9 +128,9 @@ def update_mask_with_changes(mask: Tensor, weight: Tensor, grow_score: Tensor, k
     if k > active.numel():
         raise ValueError(f"k must be in [0, n_active={active.numel()}], got {k}")
     magnitudes = weight.reshape(-1).index_select(0, active).abs_()
-    dropped = active[_k_extreme_positions(magnitudes, k, largest=False)]
+    dropped = active[k_extreme_positions(magnitudes, k, largest=False)]
     new[dropped] = False
-    grown = _k_extreme_positions(grow_score.reshape(-1), k, largest=True, exclude=new)
+    grown = k_extreme_positions(grow_score.reshape(-1), k, largest=True, exclude=new)
     new[grown] = True
     return new.view(mask.shape), dropped[~new[dropped]], grown[~flat[grown]]
 
@@ -139,7 +139,7 @@ def update_mask(mask: Tensor, weight: Tensor, grow_score: Tensor, k: int) -> Ten
     """Fast drop-and-grow, exactly equal to ``drop_and_grow(mask, weight.abs(), grow_score, k)``.
 
     No sorts: the drop selects among the active weights only, the grow among the positions
-    inactive after the drop, each by threshold-and-refine (:func:`_k_extreme_positions`); exact
+    inactive after the drop, each by threshold-and-refine (:func:`k_extreme_positions`); exact
     ties at either threshold go to the lower flat index, as in the reference.
     """
     return update_mask_with_changes(mask, weight, grow_score, k)[0]

@@ -233,17 +233,15 @@ class Sparsifier:
         """Drop/grow every layer with f(due_at), sync the masks, apply them to weights and state."""
         fraction = self.schedule.drop_fraction(due_at)
         self.engine.check_masks(self.masks)      # the masks we start from agree on every rank
-        new_masks: dict[str, Tensor] = {}
-        changes: dict[str, tuple[Tensor, Tensor]] = {}
+        ks: dict[str, int] = {}
         for layer in self.layers:
-            name, mask = layer.name, self.masks[layer.name]
-            n_active = self.nnz[name]
+            n_active = self.nnz[layer.name]
             k = math.floor(fraction * n_active)
-            if k == 0 or n_active == layer.numel:   # a dense layer regrows exactly what it drops
-                continue
-            weight = self.engine.weight(name).detach()
-            new_masks[name], dropped, grown = self.engine.select(name, mask, weight, self.grow_score(name, grads), k)
-            changes[name] = (dropped, grown)
+            if k and n_active != layer.numel:       # a dense layer regrows exactly what it drops
+                ks[layer.name] = k
+        chosen = self.engine.select(self.masks, ks, lambda name: self.grow_score(name, grads))
+        new_masks = {n: c[0] for n, c in chosen.items()}
+        changes = {n: (c[1], c[2]) for n, c in chosen.items()}
         self.engine.sync_masks(new_masks)
         names = list(new_masks)
         # per layer (active, grown) over all ranks: the exact active count is checked on every update

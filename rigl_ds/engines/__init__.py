@@ -1,10 +1,10 @@
 """Thin adapters between training engines and the core: they move tensors, never decide masks.
 
-``DDPEngine`` and ``DeepSpeedEngineAdapter`` import torch.distributed / DeepSpeed when used.
+``DDPEngine``, ``DeepSpeedEngineAdapter`` and ``FSDP2Engine`` import torch.distributed / DeepSpeed when used.
 """
 from .local import LocalEngine
 
-__all__ = ["LocalEngine", "DDPEngine", "DeepSpeedEngineAdapter"]
+__all__ = ["LocalEngine", "DDPEngine", "DeepSpeedEngineAdapter", "FSDP2Engine"]
 
 
 def __getattr__(name: str):
@@ -16,4 +16,8 @@ def __getattr__(name: str):
         from .deepspeed import DeepSpeedEngineAdapter
 
         return DeepSpeedEngineAdapter
+    if name == "FSDP2Engine":
+        from .fsdp2 import FSDP2Engine
+
+        return FSDP2Engine
     raise AttributeError(name)

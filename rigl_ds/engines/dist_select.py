@@ -7,22 +7,88 @@ rank keeps the winners that fall in its slice. Because the global k best are alw
 union of the ranks' local k best, the result is exact, with ties broken by the lower global index,
 as :func:`rigl_ds.core.selection.drop_and_grow` breaks them. Communication: k*world values and
 indices per call, never the whole tensor (float32 values for float32/bf16/fp16 scores, int32
-indices below 2**31 elements: 8 bytes a candidate).
+indices below 2**31 elements: 8 bytes a candidate). The candidates of many layers share one
+all-gather (:func:`drop_and_grow_sharded_many`): 4 collectives per mask update, not 4 per layer.
 """
 from __future__ import annotations
+
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from rigl_ds.core.selection import k_extreme_positions
 
 
 def local_candidates(scores: Tensor, eligible: Tensor, k: int, *, largest: bool) -> tuple[Tensor, Tensor]:
-    """(values, local indices) of this shard's k best eligible positions, best first, ties by index."""
-    idx = eligible.reshape(-1).nonzero().view(-1)
-    vals = scores.reshape(-1).index_select(0, idx)
-    order = torch.sort(vals, descending=largest, stable=True).indices[:k]
-    return vals.index_select(0, order), idx.index_select(0, order)
+    """(values, local indices, ascending) of this shard's k best eligible positions (ties to the
+    lower index), found in linear time by threshold-and-refine (:func:`k_extreme_positions`)."""
+    flat, elig = scores.reshape(-1), eligible.reshape(-1)
+    if elig.dtype != torch.bool:
+        raise TypeError(f"eligible must be torch.bool, got {elig.dtype}")
+    k = min(k, int(torch.count_nonzero(elig)))
+    idx = k_extreme_positions(flat, k, largest=largest, exclude=~elig)
+    return flat.index_select(0, idx), idx
+
+
+class Query(NamedTuple):
+    """One selection on this rank's shard: the ``k`` smallest (``largest=False``) or largest eligible
+    ``scores`` of a tensor of ``numel`` elements whose shard starts at global flat index ``offset``."""
+
+    scores: Tensor
+    eligible: Tensor
+    offset: int
+    k: int
+    largest: bool
+    numel: int | None = None
+
+
+def select_global_many(queries: Sequence[Query], group=None) -> list[Tensor]:
+    """:func:`select_global` for several tensors with two all-gathers in all (values, indices): the
+    candidates of every query travel in one buffer, so a mask update over L layers costs 4
+    collectives, not 4L (latency, not bytes, dominates small layers)."""
+    world = dist.get_world_size(group)
+    out: list[Tensor | None] = [None] * len(queries)
+    live = [i for i, q in enumerate(queries) if q.k > 0]
+    for i, q in enumerate(queries):
+        if q.k == 0:
+            out[i] = torch.zeros(0, dtype=torch.long, device=q.scores.device)
+    if not live:
+        return out
+    wide = any(queries[i].scores.dtype not in (torch.float32, torch.bfloat16, torch.float16) for i in live)
+    vdtype = torch.float64 if wide else torch.float32
+    narrow = all(queries[i].numel is not None and queries[i].numel < 2**31 - 1 for i in live)
+    idtype = torch.int32 if narrow else torch.int64
+    no_index = torch.iinfo(idtype).max
+    vs, gs = [], []
+    for i in live:                      # each query pads to k entries; padding sorts after every real candidate
+        q = queries[i]
+        vals, idx = local_candidates(q.scores, q.eligible, q.k, largest=q.largest)
+        pad = q.k - vals.numel()
+        vs += [vals.to(vdtype), vals.new_full((pad,), float("-inf") if q.largest else float("inf"), dtype=vdtype)]
+        gs += [(idx + q.offset).to(idtype), idx.new_full((pad,), no_index, dtype=idtype)]
+    v, g = torch.cat(vs), torch.cat(gs)
+    all_v = [torch.empty_like(v) for _ in range(world)]
+    all_g = [torch.empty_like(g) for _ in range(world)]
+    dist.all_gather(all_v, v, group=group)
+    dist.all_gather(all_g, g, group=group)
+    av, ag = torch.stack(all_v), torch.stack(all_g)          # (world, sum of k)
+    start = 0
+    for i in live:
+        q = queries[i]
+        qv, qg = av[:, start:start + q.k].reshape(-1), ag[:, start:start + q.k].reshape(-1).long()
+        start += q.k
+        # order by (value, global index): the real candidates arrive by ascending global index (rank
+        # by rank, each ascending; padding sorts last by value anyway): one stable sort by value
+        chosen = qg[torch.sort(qv, descending=q.largest, stable=True).indices[:q.k]]
+        if bool((chosen == no_index).any()):
+            raise ValueError(f"asked for the {q.k} {'largest' if q.largest else 'smallest'} eligible scores, but "
+                             "fewer positions are eligible over all ranks")
+        n_local = q.scores.numel()
+        mine = chosen[(chosen >= q.offset) & (chosen < q.offset + n_local)] - q.offset
+        out[i] = torch.sort(mine).values
+    return out
 
 
 def select_global(scores: Tensor, eligible: Tensor, offset: int, k: int, *, largest: bool,
@@ -35,47 +101,34 @@ def select_global(scores: Tensor, eligible: Tensor, offset: int, k: int, *, larg
     positions are eligible over all ranks. Every rank must call it with the same ``k``,
     ``largest``, ``numel`` and score dtype.
     """
-    world = dist.get_world_size(group)
-    if k == 0:
-        return torch.zeros(0, dtype=torch.long, device=scores.device)
-    vals, idx = local_candidates(scores, eligible, k, largest=largest)
-    vdtype = torch.float32 if scores.dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float64
-    idtype = torch.int32 if numel is not None and numel < 2**31 - 1 else torch.int64
-    no_index = torch.iinfo(idtype).max
-    # pad to k entries; padding sorts after every real candidate
-    pad = k - vals.numel()
-    fill = float("-inf") if largest else float("inf")
-    v = torch.cat([vals.to(vdtype), vals.new_full((pad,), fill, dtype=vdtype)])
-    g = torch.cat([(idx + offset).to(idtype), idx.new_full((pad,), no_index, dtype=idtype)])
-    all_v = [torch.empty_like(v) for _ in range(world)]
-    all_g = [torch.empty_like(g) for _ in range(world)]
-    dist.all_gather(all_v, v, group=group)
-    dist.all_gather(all_g, g, group=group)
-    av, ag = torch.cat(all_v), torch.cat(all_g).long()
-    # order by (value, global index): sort by index, then stably by value
-    by_index = torch.argsort(ag, stable=True)
-    av, ag = av[by_index], ag[by_index]
-    by_value = torch.sort(av, descending=largest, stable=True).indices[:k]
-    chosen = ag[by_value]
-    if bool((chosen == no_index).any()):
-        raise ValueError(f"asked for the {k} {'largest' if largest else 'smallest'} eligible scores, but fewer "
-                         "positions are eligible over all ranks")
-    n_local = scores.numel()
-    mine = chosen[(chosen >= offset) & (chosen < offset + n_local)] - offset
-    return torch.sort(mine).values
+    return select_global_many([Query(scores, eligible, offset, k, largest, numel)], group)[0]
+
+
+def drop_and_grow_sharded_many(layers: Sequence[tuple[Tensor, Tensor, Tensor, int, int, int | None]],
+                               group=None) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """RigL's drop/grow on this rank's shards of several layers, exact over all ranks: per layer
+    ``(weight, mask, grow_score, offset, k, numel)``, drop the ``k`` active positions of smallest
+    |weight|, then grow the ``k`` positions of largest ``grow_score`` among those inactive after the
+    drop (a just-dropped one may regrow). Returns per layer (new local mask, dropped local flat
+    indices, grown local flat indices). Four collectives in all, whatever the number of layers."""
+    dropped = select_global_many([Query(w.abs(), m, off, k, False, n) for w, m, _, off, k, n in layers], group)
+    after = []
+    for (w, m, _, _, _, _), d in zip(layers, dropped):
+        a = m.reshape(-1).clone()
+        a[d] = False
+        after.append(a)
+    grown = select_global_many([Query(s, ~a, off, k, True, n) for (_, _, s, off, k, n), a in zip(layers, after)],
+                               group)
+    out = []
+    for (_, m, _, _, _, _), a, d, g in zip(layers, after, dropped, grown):
+        new = a.clone()
+        new[g] = True
+        out.append((new.view_as(m), d, g))
+    return out
 
 
 def drop_and_grow_sharded(weight: Tensor, mask: Tensor, grow_score: Tensor, offset: int, k: int,
                           numel: int | None = None, group=None) -> tuple[Tensor, Tensor, Tensor]:
-    """RigL's drop/grow on this rank's shard, exact over all ranks: drop the ``k`` active positions
-    of smallest |weight|, then grow the ``k`` positions of largest ``grow_score`` among those
-    inactive after the drop (a just-dropped one may regrow). Returns (new local mask, dropped local
-    flat indices, grown local flat indices); ``k`` is the layer's global count, ``numel`` its size."""
-    flat = mask.reshape(-1)
-    dropped = select_global(weight.abs(), mask, offset, k, largest=False, numel=numel, group=group)
-    after_drop = flat.clone()
-    after_drop[dropped] = False
-    grown = select_global(grow_score, ~after_drop, offset, k, largest=True, numel=numel, group=group)
-    new = after_drop.clone()
-    new[grown] = True
-    return new.view_as(mask), dropped, grown
+    """:func:`drop_and_grow_sharded_many` for one layer: (new local mask, dropped local flat
+    indices, grown local flat indices); ``k`` is the layer's global count, ``numel`` its size."""
+    return drop_and_grow_sharded_many([(weight, mask, grow_score, offset, k, numel)], group)[0]

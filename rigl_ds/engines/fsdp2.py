@@ -19,7 +19,7 @@ bool tensor of the local shard's shape, and:
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -29,7 +29,7 @@ from rigl_ds import faults
 from rigl_ds.core.layers import MaskedLayer
 from rigl_ds.core.selection import update_mask_with_changes
 
-from .dist_select import drop_and_grow_sharded
+from .dist_select import drop_and_grow_sharded_many
 from .local import LocalEngine, zero_at
 
 SELECTIONS = ("sharded", "gather")
@@ -40,6 +40,15 @@ def local(t: Tensor) -> Tensor:
     from torch.distributed.tensor import DTensor
 
     return t.to_local() if isinstance(t, DTensor) else t
+
+
+def placed_like(param: Tensor, t: Tensor):
+    """``t`` (this rank's shard, the local shape of ``param``) as a DTensor sharded like ``param``
+    (no copy: a DCP load into it fills ``t``)."""
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(t, param.device_mesh, param.placements, run_check=False, shape=param.shape,
+                              stride=torch.empty(param.shape, device="meta").stride())
 
 
 class ShardLayoutError(ValueError):
@@ -109,34 +118,33 @@ class FSDP2Engine(LocalEngine):
         return t
 
     # ---------------------------------------------------------------- the update
-    def select(self, name: str, mask: Tensor, weight: Tensor, grow_score: Tensor, k: int
-               ) -> tuple[Tensor, Tensor, Tensor]:
-        offset, n, shape, numel = self._layout(name)
-        if self.selection == "gather":
-            full = [self._gather(t, name) for t in (mask, weight, grow_score)]
-            new_full, _, _ = update_mask_with_changes(full[0], full[1], full[2], k)
-            new = new_full.reshape(-1)[offset:offset + n].reshape(shape).clone()
-        else:
-            new, _, _ = drop_and_grow_sharded(weight, mask, grow_score, offset, k, numel=numel, group=self._group)
-        old_flat, new_flat = mask.reshape(-1), new.reshape(-1)
-        dropped = (old_flat & ~new_flat).nonzero().view(-1)
-        grown = (new_flat & ~old_flat).nonzero().view(-1)
-        return new, dropped, grown
+    def select(self, masks: Mapping[str, Tensor], k: Mapping[str, int], grow_score: Callable[[str], Tensor]
+               ) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
+        out: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
+        if self.selection == "gather":          # the reference: whole layers, one at a time
+            for name, kn in k.items():
+                offset, n, shape, _ = self._layout(name)
+                full = [self._gather(t, name) for t in (masks[name], self.weight(name), grow_score(name))]
+                new = update_mask_with_changes(full[0], full[1], full[2], kn)[0]
+                out[name] = self._changes(masks[name], new.reshape(-1)[offset:offset + n].reshape(shape).clone())
+            return out
+        # every layer in the same 4 collectives; the score shards of all layers are alive together
+        layers = [(self.weight(name), masks[name], grow_score(name), self._layout(name)[0], kn, self._layout(name)[3])
+                  for name, kn in k.items()]
+        for name, (new, _, _) in zip(k, drop_and_grow_sharded_many(layers, group=self._group)):
+            out[name] = self._changes(masks[name], new)
+        return out
+
+    @staticmethod
+    def _changes(old: Tensor, new: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(new, positions dropped for good, positions newly grown): a regrown position is in neither."""
+        o, n = old.reshape(-1), new.reshape(-1)
+        return new, (o & ~n).nonzero().view(-1), (n & ~o).nonzero().view(-1)
 
     def _gather(self, t: Tensor, name: str) -> Tensor:
-        """The whole layer from every rank's slice (the reference path)."""
-        world = dist.get_world_size(self._group)
-        numel = self._layout(name)[3]
-        shape = self._param(name).shape
-        c = math.ceil(shape[0] / world) * math.prod(shape[1:])
-        flat = torch.zeros(c, dtype=t.dtype, device=t.device)
-        flat[:t.numel()] = t.reshape(-1)
-        parts = [torch.empty_like(flat) for _ in range(world)]
-        dist.all_gather(parts, flat, group=self._group)
-        counts = [row_slice(shape[0], world, r)[1] * math.prod(shape[1:]) for r in range(world)]
-        whole = torch.cat([p[:n] for p, n in zip(parts, counts)])
-        assert whole.numel() == numel
-        return whole.view(shape)
+        """The whole layer from every rank's slice: ``full_tensor()`` of ``t`` placed like the weight
+        (the reference path; also how the tests read whole masks)."""
+        return placed_like(self._param(name), t).full_tensor()
 
     # ---------------------------------------------------------------- writes (local shards, in place)
     def bind(self, layers: Sequence[MaskedLayer], masks: Mapping[str, Tensor], dense_grad_wanted=lambda: True) -> None:

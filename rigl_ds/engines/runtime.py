@@ -377,15 +377,14 @@ class FSDP2Runtime(DistributedRuntime):
     def _sharded(self, state: dict[str, Any]) -> dict[str, Any]:
         """The tensors DCP saves and loads (resharded to this world size): model, optimizer, masks, scores."""
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-        from torch.distributed.tensor import DTensor
+
+        from .fsdp2 import placed_like
 
         self.reshard()
         params = dict(self.module.named_parameters())
 
         def like_param(name: str, t: torch.Tensor):
-            p = params[name]
-            return DTensor.from_local(t, p.device_mesh, p.placements, run_check=False, shape=p.shape,
-                                      stride=torch.empty(p.shape, device="meta").stride())
+            return placed_like(params[name], t)
 
         out = {"model": get_model_state_dict(self.module), "optimizer": get_optimizer_state_dict(self.module, self.optimizer)}
         sp = state.get("sparsifier")
@@ -407,6 +406,9 @@ class FSDP2Runtime(DistributedRuntime):
             shutil.rmtree(tmp)
         self.barrier()
         sp = state.get("sparsifier")
+        # buffers (BatchNorm statistics) are replicated tensors, of which DCP keeps one rank's copy:
+        # make every copy rank 0's, as every step starts from them
+        self.sync_buffers()
         dcp.save(self._sharded(state), checkpoint_id=str(tmp))
         if self.rank == 0:
             rest = dict(state, model="dcp", sparsifier=None if sp is None else dict(sp, masks=None, score=None))

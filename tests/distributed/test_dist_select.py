@@ -1,6 +1,7 @@
 """The exact distributed drop/grow selection (2 gloo ranks) equals the whole-tensor reference
 (`drop_and_grow`) on adversarial shards: exact ties everywhere, k = 0, k = a rank's shard size,
-a shard with no active weight, an empty shard, uneven shard sizes."""
+a shard with no active weight, an empty shard, uneven shard sizes, and shards large enough for the
+sampled threshold path of the local candidate search."""
 import pytest
 import torch
 
@@ -35,23 +36,37 @@ def cases():
     out.append(("empty-shard", torch.randn(n, generator=g), m.clone(), torch.randn(n, generator=g), 5, n))
     # 7. k = all active
     out.append(("k-all", torch.randn(n, generator=g), m.clone(), torch.randn(n, generator=g), 16, 13))
+    # 8. shards large enough for the sampled threshold-and-refine path, ties among few values
+    big = 200_000
+    mb = torch.rand(big, generator=g) < 0.2
+    out.append(("large-ties", torch.randint(0, 5, (big,), generator=g).float(), mb,
+                torch.randint(0, 3, (big,), generator=g).float(), 5_000, 123_457))
     return out
 
 
 def worker(rank, world):
-    from rigl_ds.engines.dist_select import drop_and_grow_sharded
+    from rigl_ds.engines.dist_select import drop_and_grow_sharded, drop_and_grow_sharded_many
 
-    results = []
+    results, shards = [], []
     for name, w, m, gs, k, split in cases():
         lo, hi = (0, split) if rank == 0 else (split, w.numel())
         for numel in (None, w.numel()):                  # int64 and int32 indices on the wire
             new, dropped, grown = drop_and_grow_sharded(w[lo:hi], m[lo:hi], gs[lo:hi].abs(), lo, k, numel=numel)
             results.append((name, lo, new, dropped + lo, grown + lo))
-    return results
+        shards.append((w[lo:hi], m[lo:hi], gs[lo:hi].abs(), lo, k, w.numel()))
+    # all cases at once, their candidates sharing the same all-gathers: the same answers
+    together = drop_and_grow_sharded_many(shards)
+    return results, together
 
 
 def test_distributed_selection_equals_the_whole_tensor_reference():
-    per_rank = run_ranks(worker)
+    out = run_ranks(worker)
+    per_rank = [r[0] for r in out]
+    for r in (0, 1):                                 # batched == one case at a time (int32 indices)
+        singles = per_rank[r][1::2]
+        assert len(out[r][1]) == len(singles)
+        for (new, dropped, grown), (_, lo, new1, dropped1, grown1) in zip(out[r][1], singles):
+            assert torch.equal(new, new1) and torch.equal(dropped + lo, dropped1) and torch.equal(grown + lo, grown1)
     for i, (name, w, m, gs, k, split) in enumerate(c for c in cases() for _ in range(2)):
         want = drop_and_grow(m, w.abs(), gs.abs(), k)
         got = torch.cat([per_rank[r][i][2] for r in (0, 1)])

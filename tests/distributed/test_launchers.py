@@ -136,10 +136,15 @@ def assert_same_dcp(a: dict, b: dict) -> None:
     assert torch.equal(ra["generator"], rb["generator"])
 
 
-def test_fsdp2_sharded_checkpoints_resume_at_another_world_size_and_exactly(tmp_path):
+def test_fsdp2_two_nodes_sharded_checkpoints_resume_at_another_world_size_and_exactly(tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    out = launch("fsdp2.sh", FSDP2_CFG, *SHORT, f"logging.run_dir={straight}", "checkpoint.every_steps=20").stdout
-    assert "test accuracy: top-1" in out and "achieved density: 0.1000" in out
+    # the uninterrupted run on two "nodes" on this machine: two launchers, node ranks 0 and 1, one process each
+    env = dict(NNODES="2", NPROC_PER_NODE="1", MASTER_PORT=str(free_port()))
+    nodes = [launch("fsdp2.sh", FSDP2_CFG, *SHORT, f"logging.run_dir={straight}", env=dict(env, NODE_RANK=str(r)),
+                    background=True) for r in (0, 1)]
+    outs = [p.finish() for p in nodes]
+    assert all(p.returncode == 0 for p in outs), outs[0].stdout[-3000:] + outs[1].stdout[-3000:]
+    assert "test accuracy: top-1" in outs[0].stdout and "achieved density: 0.1000" in outs[0].stdout
     launch("fsdp2.sh", FSDP2_CFG, *SHORT, f"logging.run_dir={split}", "train.max_steps=53")
     two = dcp_state(split, 53)
     assert two["rigl_ds"]["sparsifier"]["last_update"]["step"] == 50

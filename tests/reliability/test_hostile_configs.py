@@ -24,7 +24,8 @@ PROJECT_ERRORS = (ConfigError, DataError, RunError)
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**12), st.text(max_size=12),
                     st.floats(allow_nan=True, allow_infinity=True),
                     st.sampled_from(["rigl", "erk", "dense", "sgd", "cosine", "resnet18", "mlp", "0.5", "1e9",
-                                     "digits", "synthetic", "imagefolder", "deepspeed", "ddp", "local", "auto"]))
+                                     "digits", "synthetic", "imagefolder", "deepspeed", "ddp", "local", "auto",
+                                     "fsdp2", "sharded", "gather", "bf16", "fp16"]))
 values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
                                                                                           max_size=3), max_leaves=6)
 section = st.dictionaries(st.sampled_from(sum(SECTIONS.values(), []) + ["bogus"]), values, max_size=4)
@@ -85,10 +86,13 @@ QUICK = ROOT / "configs" / "quickstart.yaml"
     (["optimizer.lr=.inf"], "optimizer.lr: Input should be a finite number"),
     (["data.batch_size=abc"], "data.batch_size: Input should be a valid integer"),
     (["train.epochs=[1, 2]"], "train.epochs: Input should be a valid number"),
-    (["engine.name=horovod"], "engine.name: Input should be 'local', 'ddp' or 'deepspeed'"),
+    (["engine.name=horovod"], "engine.name: Input should be 'local', 'ddp', 'deepspeed' or 'fsdp2'"),
     (["sparsity.delta=0"], "sparsity.delta: Input should be greater than or equal to 1"),
     (["sparsity.t_end=1.5"], "sparsity.t_end: as a fraction of total steps must be in (0, 1]"),
     (["engine.name=deepspeed"], "engine.deepspeed_config: required for engine.name='deepspeed'"),
+    (["engine.fsdp2_selection=topk"], "engine.fsdp2_selection: Input should be 'sharded' or 'gather'"),
+    (["engine.name=fsdp2", "precision.dtype=fp16"], "precision.dtype: 'fp16' is not supported with "
+                                                    "engine.name='fsdp2'"),
 ])
 def test_bad_values_name_source_key_and_allowed(items, expect):
     with pytest.raises(ConfigError) as e:

@@ -130,3 +130,38 @@ def test_deepspeed_two_ranks_killed_mid_update_and_mid_save_then_resumed(tmp_pat
         assert len(steps) == len(set(steps)), tag
         if tag != "train/img_per_s":
             assert ta[tag] == tb[tag], tag
+
+
+@pytest.mark.distributed
+def test_fsdp2_two_ranks_killed_mid_update_and_mid_save_then_resumed(tmp_path):
+    """FSDP2: rank 1 dies inside a mask update (after the sharded selection, between layers); then
+    rank 0 dies after every shard of a checkpoint is written but before its manifest, leaving only
+    a temporary folder. resume=auto twice; the run ends bit-identical to an uninterrupted one."""
+    from tests.distributed.test_launchers import FSDP2_CFG, assert_same_dcp, dcp_state, launch
+
+    args = ["train.epochs=2", "sparsity.delta=10", "logging.log_every=5", "logging.progress=false",
+            "checkpoint.every_steps=10", "checkpoint.keep_last=3", "train.max_steps=40"]
+    straight, d = tmp_path / "straight", tmp_path / "run"
+    launch("fsdp2.sh", FSDP2_CFG, *args, f"logging.run_dir={straight}")
+
+    def killed(fault, rank, *extra):
+        p = launch("fsdp2.sh", FSDP2_CFG, *args, f"logging.run_dir={d}", *extra, check=False,
+                   env={"RIGL_DS_FAULT": fault, "RIGL_DS_FAULT_RANK": rank})
+        assert p.returncode != 0, p.stdout[-3000:] + p.stderr[-3000:]
+
+    # 3 sparse layers: the 5th apply_update is the 2nd layer of the update at t=20 (after checkpoint 20)
+    killed("mask_update:5", "1")
+    ck = d / "checkpoints"
+    assert sorted(p.name for p in ck.glob("step_*")) == ["step_00000010", "step_00000020"]
+    killed("checkpoint_write:1", "0", "resume=auto")       # step 30: shards written, no manifest, not renamed
+    assert (ck / ".step_00000030.tmp").is_dir() and not (ck / "step_00000030").exists()
+    out = launch("fsdp2.sh", FSDP2_CFG, *args, f"logging.run_dir={d}", "resume=auto")
+    assert "step_00000020 at step 20" in out.stdout + out.stderr
+    assert not (ck / ".step_00000030.tmp").exists()
+    assert_same_dcp(dcp_state(straight, 40), dcp_state(d, 40))
+    ta, tb = scalars(straight / "tb"), scalars(d / "tb")
+    for tag in ta:
+        steps = [s for s, _ in tb[tag]]
+        assert len(steps) == len(set(steps)), tag
+        if tag != "train/img_per_s":
+            assert ta[tag] == tb[tag], tag
