@@ -293,28 +293,29 @@ class FSDP2Runtime(DistributedRuntime):
     """torchrun / SLURM: ``fully_shard`` (FSDP2) over a 1-D mesh of all ranks; masks sharded like weights.
 
     Checkpoints are torch.distributed.checkpoint (DCP) folders: model, optimizer, masks and the
-    RigL-Adam-style scores as sharded tensors (any world size can load them), plus rank 0's
+    accumulated grow scores as sharded tensors (any world size can load them), plus rank 0's
     ``rigl_ds.pt`` (loop, sparsifier and RNG state) and a ``complete`` manifest written last.
     """
 
     name = "fsdp2"
 
     def __init__(self, model: nn.Module, optimizer_fn: Callable[[nn.Module], torch.optim.Optimizer],
-                 device: torch.device, *, units: list[str], selection: str, dtype: str) -> None:
+                 device: torch.device, *, units: list[str], selection: str) -> None:
         import torch.distributed as dist
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import fully_shard
 
         self.dist = dist
         self.mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-            if dtype == "bf16" else MixedPrecisionPolicy()
+        # bf16 runs under the loop's torch.autocast, as with DDP: parameters, their all-gathers and the
+        # gradient reductions stay fp32 (a bf16 MixedPrecisionPolicy casts BatchNorm's affine
+        # parameters too, which BatchNorm's fp32 running statistics refuse)
         wrapped = 0
         for m in list(model.modules())[1:]:
             if type(m).__name__ in units:
-                fully_shard(m, mesh=self.mesh, mp_policy=mp)
+                fully_shard(m, mesh=self.mesh)
                 wrapped += 1
-        fully_shard(model, mesh=self.mesh, mp_policy=mp)
+        fully_shard(model, mesh=self.mesh)
         super().__init__(model, optimizer_fn(model), device, None)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.selection = selection
@@ -517,7 +518,7 @@ def build_runtime(cfg, model: nn.Module, optimizer_fn: Callable[[nn.Module], tor
                           mask_sync=cfg.engine.mask_sync)
     if name == "fsdp2":
         return FSDP2Runtime(model, optimizer_fn, device, units=cfg.engine.fsdp2_units,
-                            selection=cfg.engine.fsdp2_selection, dtype=cfg.precision.dtype)
+                            selection=cfg.engine.fsdp2_selection)
     import torch.distributed as dist
 
     ds_cfg = deepspeed_config(cfg.engine.deepspeed_config, micro_batch=cfg.data.batch_size,

@@ -125,6 +125,9 @@ def assert_same_dcp(a: dict, b: dict) -> None:
         assert m.dtype == torch.bool and torch.equal(m, b["masks"][k]), k
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
+    assert set(a.get("score", {})) == set(b.get("score", {}))
+    for k, v in a.get("score", {}).items():
+        assert torch.equal(v, b["score"][k]), k
     sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
     assert set(sa) == set(sb) and sa
     for p, st in sa.items():
@@ -137,26 +140,41 @@ def assert_same_dcp(a: dict, b: dict) -> None:
 
 
 def test_fsdp2_two_nodes_sharded_checkpoints_resume_at_another_world_size_and_exactly(tmp_path):
+    # grad_accumulation_n=2: the checkpoint of step 60 holds half of the grow score of the update at t=60
+    args = [*SHORT, "sparsity.grad_accumulation_n=2"]
     straight, split = tmp_path / "straight", tmp_path / "split"
     # the uninterrupted run on two "nodes" on this machine: two launchers, node ranks 0 and 1, one process each
     env = dict(NNODES="2", NPROC_PER_NODE="1", MASTER_PORT=str(free_port()))
-    nodes = [launch("fsdp2.sh", FSDP2_CFG, *SHORT, f"logging.run_dir={straight}", env=dict(env, NODE_RANK=str(r)),
+    nodes = [launch("fsdp2.sh", FSDP2_CFG, *args, f"logging.run_dir={straight}", env=dict(env, NODE_RANK=str(r)),
                     background=True) for r in (0, 1)]
     outs = [p.finish() for p in nodes]
     assert all(p.returncode == 0 for p in outs), outs[0].stdout[-3000:] + outs[1].stdout[-3000:]
     assert "test accuracy: top-1" in outs[0].stdout and "achieved density: 0.1000" in outs[0].stdout
-    launch("fsdp2.sh", FSDP2_CFG, *SHORT, f"logging.run_dir={split}", "train.max_steps=53")
-    two = dcp_state(split, 53)
+    launch("fsdp2.sh", FSDP2_CFG, *args, f"logging.run_dir={split}", "train.max_steps=60")
+    two = dcp_state(split, 60)
     assert two["rigl_ds"]["sparsifier"]["last_update"]["step"] == 50
+    assert two["rigl_ds"]["sparsifier"]["score_count"] == 1 and set(two["score"]) == set(two["masks"])
     for name, m in two["masks"].items():                           # whole masks assembled from 2 shards
         assert torch.count_nonzero(two["model"][name][~m]) == 0, name
         assert torch.count_nonzero(two["optimizer"]["state"][name]["momentum_buffer"][~m]) == 0, name
     # 2 -> 1: one process loads the 2-rank shards and (already at its last step) saves them again
-    launch("fsdp2.sh", FSDP2_CFG, *SHORT, f"logging.run_dir={split}", "train.max_steps=53", "resume=auto",
+    launch("fsdp2.sh", FSDP2_CFG, *args, f"logging.run_dir={split}", "train.max_steps=60", "resume=auto",
            env={"NPROC_PER_NODE": "1"})
-    one = dcp_state(split, 53)
-    assert len(list((split / "checkpoints" / "step_00000053").glob("*.distcp"))) == 1
+    one = dcp_state(split, 60)
+    assert len(list((split / "checkpoints" / "step_00000060").glob("*.distcp"))) == 1
     assert_same_dcp(two, one)
     # 1 -> 2, then on to the end: bit-identical to the run that never stopped
-    launch("fsdp2.sh", FSDP2_CFG, *SHORT, f"logging.run_dir={split}", "resume=auto")
+    launch("fsdp2.sh", FSDP2_CFG, *args, f"logging.run_dir={split}", "resume=auto")
     assert_same_dcp(dcp_state(straight, 88), dcp_state(split, 88))
+
+
+def test_fsdp2_bf16_autocast(tmp_path):
+    run = tmp_path / "run"
+    out = launch("fsdp2.sh", FSDP2_CFG, *SHORT, f"logging.run_dir={run}", "precision.dtype=bf16",
+                 "train.max_steps=25").stdout
+    assert "achieved density: 0.1000" in out
+    state = dcp_state(run, 25)
+    assert state["rigl_ds"]["sparsifier"]["last_update"]["step"] == 20
+    for name, m in state["masks"].items():
+        assert state["model"][name].dtype == torch.float32                     # fp32 shards under autocast
+        assert torch.count_nonzero(state["model"][name][~m]) == 0, name
