@@ -42,3 +42,19 @@ def spawn_ranks(worker, world: int, args, results: int) -> list:
     for p in procs:
         p.join()
     return out
+
+
+def end_rank(rank: int, result, queue) -> None:
+    """The end of a spawned benchmark rank: rank 0 reports ``result``, then every rank leaves the
+    process group and exits at once (gloo can abort at interpreter exit)."""
+    import os
+    import sys
+
+    import torch.distributed as dist
+
+    if rank == 0:
+        queue.put(result)
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)

@@ -11,12 +11,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 
 import torch
 
-from _common import spawn_ranks
+from _common import end_rank, spawn_ranks
 
 
 def worker(rank: int, world: int, port: int, args, queue) -> None:
@@ -66,12 +65,7 @@ def worker(rank: int, world: int, port: int, args, queue) -> None:
             "median_ordinary_step_s": statistics.median(times[1:]),
             "global_density": sp.global_density,
         }
-    if rank == 0:
-        queue.put(out)
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    os._exit(0)
+    end_rank(rank, out, queue)
 
 
 def main() -> None:

@@ -13,12 +13,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 
 import torch
 
-from _common import spawn_ranks
+from _common import end_rank, spawn_ranks
 
 VARIANTS = ("dense", "sharded", "gather")
 
@@ -111,12 +110,7 @@ def worker(rank: int, world: int, port: int, args, queue) -> None:
     flag = torch.tensor(int(masks_equal))
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     out["masks_equal"] = bool(flag)
-    if rank == 0:
-        queue.put(out)
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    os._exit(0)
+    end_rank(rank, out, queue)
 
 
 def main() -> None:

@@ -23,20 +23,32 @@ def check_invariants(model, opt, sp):
                 assert torch.count_nonzero(st[~mask]) == 0, (name, key)
 
 
-def single_process(dtype=torch.float64):
-    model = make_nobn(dtype=dtype)
+def single_process(dtype=torch.float64, model=None, data=None):
+    """The reference run in one process: masks at each update, final weights, the last update's record."""
+    model = make_nobn(dtype=dtype) if model is None else model
+    data = (lambda t: batch(t, dtype=dtype)) if data is None else data
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
     sp = RigL(model, opt, total_steps=STEPS, sparsity=0.8, delta=DELTA, grad_accumulation_n=2)
     masks = []
     for t in range(STEPS):
-        x, y = batch(t, dtype=dtype)
+        x, y = data(t)
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         if sp.step():
             opt.step()
         if sp.last_update and sp.last_update["step"] == t:
             masks.append({n: m.clone() for n, m in sp.masks.items()})
-    return masks, {n: p.detach().clone() for n, p in model.named_parameters()}
+    return masks, {n: p.detach().clone() for n, p in model.named_parameters()}, sp.last_update
+
+
+def assert_equal_run(masks, weights, ref_masks, ref_w, rtol=1e-9, atol=1e-12) -> None:
+    """Identical masks at every update, weights equal to the reference up to reduction order."""
+    assert len(masks) == len(ref_masks)
+    for got, want in zip(masks, ref_masks):
+        for n in want:
+            assert torch.equal(got[n], want[n]), n
+    for n, w in ref_w.items():
+        torch.testing.assert_close(weights[n], w, rtol=rtol, atol=atol)
 
 
 def ddp_worker(rank, world, packed, channels_last=False):
@@ -77,16 +89,11 @@ def ddp_worker(rank, world, packed, channels_last=False):
 @pytest.mark.parametrize("packed,channels_last", [(False, False), (True, False), (True, True)],
                          ids=["dense-allreduce", "packed-allreduce", "packed-allreduce-channels-last"])
 def test_ddp_two_ranks_equal_single_process(packed, channels_last):
-    ref_masks, ref_w = single_process()
+    ref_masks, ref_w, _ = single_process()
     results = run_ranks(ddp_worker, packed, channels_last)
     assert len(ref_masks) == (STEPS * 3 // 4 - 1) // DELTA == 4
     for masks, weights, traffic, density in results:
-        assert len(masks) == len(ref_masks)
-        for got, want in zip(masks, ref_masks):
-            for n in want:
-                assert torch.equal(got[n], want[n]), n
-        for n, w in ref_w.items():
-            torch.testing.assert_close(weights[n], w, rtol=1e-9, atol=1e-12)
+        assert_equal_run(masks, weights, ref_masks, ref_w)
     # both ranks hold bit-identical weights
     for n in ref_w:
         assert torch.equal(results[0][1][n], results[1][1][n])

@@ -85,7 +85,7 @@ def ds_worker(rank, world, stage):
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_deepspeed_two_ranks_equal_single_process(stage):
-    ref_masks, ref_w = single_process(torch.float32)
+    ref_masks, ref_w, _ = single_process(torch.float32)
     results = run_ranks(ds_worker, stage)
     for masks, weights in results:
         assert len(masks) == len(ref_masks) == 4

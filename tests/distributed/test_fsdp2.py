@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from rigl_ds import RigL
 from tests.distributed.harness import run_ranks
-from tests.distributed.test_ddp import DELTA, STEPS
+from tests.distributed.test_ddp import DELTA, STEPS, assert_equal_run, single_process
 from tests.helpers import NoBNCNN, batch
 
 pytestmark = pytest.mark.distributed
@@ -24,22 +24,6 @@ def make_model(dtype=torch.float64) -> NoBNCNN:
 def data(t: int, dtype=torch.float64):
     x, y = batch(t, size=12, dtype=dtype)
     return x, y % CLASSES
-
-
-def single_process():
-    model = make_model()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
-    sp = RigL(model, opt, total_steps=STEPS, sparsity=0.8, delta=DELTA, grad_accumulation_n=2)
-    masks = []
-    for t in range(STEPS):
-        x, y = data(t)
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        if sp.step():
-            opt.step()
-        if sp.last_update and sp.last_update["step"] == t:
-            masks.append({n: m.clone() for n, m in sp.masks.items()})
-    return masks, {n: p.detach().clone() for n, p in model.named_parameters()}, sp.last_update
 
 
 def check_local_invariants(model, opt, sp, engine) -> None:
@@ -93,14 +77,9 @@ def fsdp_worker(rank, world, selection):
 @pytest.mark.parametrize("world,selection", [(2, "sharded"), (2, "gather"), (3, "sharded")],
                          ids=["2-ranks-sharded-topk", "2-ranks-gather-reference", "3-ranks-uneven-sharded-topk"])
 def test_fsdp2_equals_single_process(world, selection):
-    ref_masks, ref_w, ref_last = single_process()
+    ref_masks, ref_w, ref_last = single_process(model=make_model(), data=data)
     assert len(ref_masks) == (STEPS * 3 // 4 - 1) // DELTA == 4
     assert ref_last["churn"] > 0
     for masks, weights, last in run_ranks(fsdp_worker, selection, world=world):
-        assert len(masks) == len(ref_masks)
-        for got, want in zip(masks, ref_masks):
-            for n in want:
-                assert torch.equal(got[n], want[n]), n
-        for n, w in ref_w.items():
-            torch.testing.assert_close(weights[n], w, rtol=1e-9, atol=1e-12)
+        assert_equal_run(masks, weights, ref_masks, ref_w)
         assert last == ref_last                    # churn counted over all shards
