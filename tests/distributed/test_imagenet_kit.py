@@ -1,8 +1,10 @@
 """An ImageNet YAML of the kit, as shipped, under the deepspeed launcher with 2 CPU ranks: DALI CPU
-pipelines on a generated JPEG folder, and the synthetic backend (only sizes overridden)."""
+pipelines on a generated JPEG folder, and the synthetic backend (only sizes overridden); and under
+FSDP2."""
 import json
 
 import pytest
+import torch
 
 from tests.distributed.test_launchers import ROOT, ds_state, launch
 
@@ -48,3 +50,24 @@ def test_imagenet_yaml_with_synthetic_data_under_deepspeed(tmp_path):
     launch("deepspeed.sh", YAML, DS, *SMALL, "data.backend=synthetic", "data.train_size=64", "data.val_size=12",
            f"logging.run_dir={run}")
     check(run, eval_count=12)
+
+
+def test_imagenet_yaml_under_fsdp2_with_uneven_validation_shards(tmp_path):
+    """The same YAML sharded by FSDP2 (one unit per Bottleneck), bf16 under autocast as shipped. 9
+    validation images in batches of 4: one rank has 2 batches, the other 1, and evaluation forwards
+    are collectives under FSDP2 (the rank out of batches runs an empty one)."""
+    from tests.distributed.test_launchers import dcp_state
+
+    run = tmp_path / "run"
+    small = [a for a in SMALL if not a.startswith(("precision.", "data.eval_batch_size"))]
+    launch("fsdp2.sh", YAML, *small, "data.eval_batch_size=4", "data.backend=synthetic", "data.train_size=64",
+           "data.val_size=9", f"logging.run_dir={run}")
+    result = json.loads((run / "result.json").read_text())
+    assert result["steps"] == 4 and result["engine"] == "fsdp2" and result["world_size"] == 2
+    assert result["eval"]["count"] == 9
+    assert abs(result["global_density"] - 0.1) < 1e-3
+    state = dcp_state(run, 4)
+    assert state["rigl_ds"]["sparsifier"]["last_update"]["step"] == 2
+    assert len(state["masks"]) == 54                                 # every conv and the fc of ResNet-50
+    for name, m in state["masks"].items():
+        assert torch.count_nonzero(state["model"][name][~m]) == 0, name

@@ -46,7 +46,7 @@ def test_header_gives_the_launch_command_and_the_published_top1(dist, s):
         assert f"published top-1 {top1}" in head[0], head[0]
         cmds = [l.lstrip("# ").split(":", 1)[-1].strip() if l.lstrip("# ").startswith(("or ", "Schedule"))
                 else l.lstrip("# ") for l in head if "launch/" in l or "rigl-ds " in l]
-        assert len(cmds) == 4
+        assert len(cmds) == 5                      # deepspeed, DDP, FSDP2, SLURM, plan
         for cmd in cmds:
             words = [w for w in shlex.split(cmd) if "=" not in w or w.startswith("--")]
             assert f"configs/imagenet/{path(dist, s, e).name}" in words, cmd
