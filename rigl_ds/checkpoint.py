@@ -193,6 +193,25 @@ def write_manifest(folder: pathlib.Path) -> None:
     _fsync_dir(folder)
 
 
+def list_folders(ckpt_dir: pathlib.Path) -> list[pathlib.Path]:
+    """Checkpoint folders (DeepSpeed, FSDP2) of a run that carry their manifest, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted((p for p in ckpt_dir.glob("step_*") if p.is_dir() and (p / MANIFEST).is_file()),
+                  key=lambda p: p.name)
+
+
+def rotate_folders(ckpt_dir: pathlib.Path, keep_last: int, newest: pathlib.Path) -> None:
+    """After ``newest`` got its manifest: verify it, then delete all but the newest ``keep_last``
+    complete folders (never ``newest``). If ``newest`` does not verify, nothing is deleted."""
+    import shutil
+
+    verify_folder(newest)
+    for old in list_folders(ckpt_dir)[:-keep_last]:
+        if old.name != newest.name:
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def verify_folder(folder: pathlib.Path) -> None:
     """Raise :class:`CheckpointError` naming the file unless every file of the manifest is intact."""
     import json

@@ -514,7 +514,8 @@ class Trainer:
 
     def _eval(self, writer) -> dict[str, float]:
         self.rt.sync_buffers()
-        res = evaluate(self.model, self.rt.eval_batches(self.data.val_batches(), self.exp.info.input_shape), self.device, self.autocast, self.cfg.model.channels_last,
+        batches = self.rt.eval_batches(self.data.val_batches(), self.exp.info.input_shape)
+        res = evaluate(self.model, batches, self.device, self.autocast, self.cfg.model.channels_last,
                        reduce=self.rt.all_reduce_sum)
         if writer is not None:
             writer.add_scalar("eval/top1", res["top1"], self.step)

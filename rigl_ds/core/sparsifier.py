@@ -106,6 +106,7 @@ class Sparsifier:
         self.densities: dict[str, float] = get_distribution(cfg.distribution)(
             self.layers, cfg.sparsity, overrides=cfg.overrides, power_scale=cfg.erk_power_scale)
         self.nnz: dict[str, int] = {l.name: nnz_for(l.numel, self.densities[l.name]) for l in self.layers}
+        self.shapes: dict[str, tuple[int, ...]] = {l.name: l.shape for l in self.layers}   # whole layers
         self.schedule = UpdateSchedule.from_total_steps(
             total_steps, delta=cfg.delta, t_end=cfg.t_end, alpha=cfg.alpha, anneal=cfg.anneal,
             grad_accumulation_n=cfg.grad_accumulation_n)
@@ -245,8 +246,10 @@ class Sparsifier:
         self.engine.sync_masks(new_masks)
         names = list(new_masks)
         # per layer (active, grown) over all ranks: the exact active count is checked on every update
-        counts = self.engine.total(torch.tensor([[int(new_masks[n].sum()), changes[n][1].numel()] for n in names],
-                                                dtype=torch.int64).view(-1, 2))
+        active = torch.stack([torch.count_nonzero(new_masks[n]) for n in names]).cpu() if names else \
+            torch.zeros(0, dtype=torch.int64)
+        grown_here = torch.tensor([changes[n][1].numel() for n in names], dtype=torch.int64)
+        counts = self.engine.total(torch.stack([active, grown_here], dim=1))
         per_layer: dict[str, float] = {}
         grown_total = 0
         for i, name in enumerate(names):
@@ -309,7 +312,7 @@ class Sparsifier:
             if m.dtype != torch.bool or tuple(m.shape) != here:
                 raise ValueError(
                     f"mask {layer.name!r}: expected bool {here}, got {m.dtype} {tuple(m.shape)}")
-        active = self.engine.total(torch.tensor([int(masks[l.name].sum()) for l in self.layers], dtype=torch.int64))
+        active = self.engine.total(torch.stack([torch.count_nonzero(masks[l.name]).cpu() for l in self.layers]))
         for layer, n in zip(self.layers, active.tolist()):
             if n != self.nnz[layer.name]:
                 raise ValueError(
@@ -352,8 +355,7 @@ class SET(Static):
 
     def grow_score(self, name: str, grads: Mapping[str, Tensor] | None) -> Tensor:
         mask = self.masks[name]       # drawn whole on every rank (same generator), then this rank's part
-        shape = next(l.shape for l in self.layers if l.name == name)
-        return self.engine.shard(name, torch.rand(shape, generator=self.generator)).to(mask.device)
+        return self.engine.shard(name, torch.rand(self.shapes[name], generator=self.generator)).to(mask.device)
 
 
 class RigL(SET):

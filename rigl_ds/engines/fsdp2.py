@@ -24,6 +24,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, Shard
 
 from rigl_ds import faults
 from rigl_ds.core.layers import MaskedLayer
@@ -36,17 +37,14 @@ SELECTIONS = ("sharded", "gather")
 
 
 def local(t: Tensor) -> Tensor:
-    """The local tensor of a DTensor (a view: in-place edits stick), else ``t``."""
-    from torch.distributed.tensor import DTensor
-
+    """The local tensor of a DTensor (a view: in-place edits stick), else ``t`` (called per
+    gradient per step: no import or allocation here)."""
     return t.to_local() if isinstance(t, DTensor) else t
 
 
 def placed_like(param: Tensor, t: Tensor):
     """``t`` (this rank's shard, the local shape of ``param``) as a DTensor sharded like ``param``
     (no copy: a DCP load into it fills ``t``)."""
-    from torch.distributed.tensor import DTensor
-
     return DTensor.from_local(t, param.device_mesh, param.placements, run_check=False, shape=param.shape,
                               stride=torch.empty(param.shape, device="meta").stride())
 
@@ -73,14 +71,13 @@ class FSDP2Engine(LocalEngine):
         self.selection = selection
         self._slices: dict[str, tuple[int, int, tuple[int, ...], int]] = {}   # offset, local numel, local shape, numel
         self._group = None
+        self._device: torch.device | None = None     # where the shards (and masks) live
         self.masks: Mapping[str, Tensor] = {}
 
     def _layout(self, name: str) -> tuple[int, int, tuple[int, ...], int]:
         got = self._slices.get(name)
         if got is not None:
             return got
-        from torch.distributed.tensor import DTensor, Shard
-
         p = self._param(name)
         if not isinstance(p, DTensor):
             raise ShardLayoutError(f"{name!r} is not a DTensor: apply fully_shard to the model (or a module "
@@ -90,7 +87,7 @@ class FSDP2Engine(LocalEngine):
                                    "masks follow FSDP2's default Shard(0) over a 1-D mesh only")
         group = p.device_mesh.get_group()
         if self._group is None:
-            self._group = group
+            self._group, self._device = group, local(p.data).device
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         start, rows = row_slice(p.shape[0], world, rank)
         loc = local(p.data)
@@ -114,7 +111,10 @@ class FSDP2Engine(LocalEngine):
         return full.reshape(-1)[offset:offset + n].reshape(shape).clone()
 
     def total(self, t: Tensor) -> Tensor:
-        dist.all_reduce(t, group=self._group)
+        x = t if self._device is None or t.device == self._device else t.to(self._device)   # NCCL: on the GPU
+        dist.all_reduce(x, group=self._group)
+        if x is not t:
+            t.copy_(x)
         return t
 
     # ---------------------------------------------------------------- the update

@@ -75,12 +75,17 @@ class LocalRuntime:
         if clip:
             nn.utils.clip_grad_norm_(self.module.parameters(), clip)
 
+    def _nonfinite(self, local=lambda g: g) -> torch.Tensor:
+        """A 0-d bool tensor: is any of this rank's gradients (``local`` of each) not finite? One
+        foreach-norm, no host sync."""
+        grads = [local(p.grad) for p in self.module.parameters() if p.grad is not None]
+        if not grads:
+            return torch.zeros((), dtype=torch.bool, device=self.device)
+        return ~torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()
+
     def grads_finite(self) -> bool:
         """Are all gradients finite? (After all-reduce they are the same on every rank.)"""
-        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
-        if not grads:
-            return True
-        return bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
+        return not bool(self._nonfinite())
 
     def step(self, apply: bool) -> None:
         if apply:
@@ -257,10 +262,7 @@ class DeepSpeedRuntime(DistributedRuntime):
 
     # DeepSpeed checkpoints are folders written by every rank; a "complete" marker makes them valid.
     def list_checkpoints(self, ckpt_dir: pathlib.Path) -> list[pathlib.Path]:
-        if not ckpt_dir.is_dir():
-            return []
-        found = [p for p in ckpt_dir.glob("step_*") if p.is_dir() and (p / ckpt.MANIFEST).is_file()]
-        return sorted(found, key=lambda p: p.name)
+        return ckpt.list_folders(ckpt_dir)
 
     def save(self, state: dict[str, Any], ckpt_dir: pathlib.Path, step: int, keep_last: int) -> pathlib.Path:
         tag = f"step_{step:08d}"
@@ -268,10 +270,7 @@ class DeepSpeedRuntime(DistributedRuntime):
         self.barrier()
         if self.rank == 0:
             ckpt.write_manifest(ckpt_dir / tag)
-            ckpt.verify_folder(ckpt_dir / tag)
-            for old in self.list_checkpoints(ckpt_dir)[:-keep_last]:
-                if old.name != tag:
-                    shutil.rmtree(old, ignore_errors=True)
+            ckpt.rotate_folders(ckpt_dir, keep_last, ckpt_dir / tag)
         self.barrier()
         return ckpt_dir / tag
 
@@ -344,10 +343,7 @@ class FSDP2Runtime(DistributedRuntime):
     def grads_finite(self) -> bool:
         from .fsdp2 import local
 
-        grads = [local(p.grad) for p in self.module.parameters() if p.grad is not None]
-        bad = torch.zeros((), dtype=torch.float32, device=self.device)
-        if grads:
-            bad = (~torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()).float()
+        bad = self._nonfinite(local).float()          # this rank's gradient shards, then over all ranks
         self.dist.all_reduce(bad, op=self.dist.ReduceOp.MAX)
         return not bool(bad)
 
@@ -363,8 +359,8 @@ class FSDP2Runtime(DistributedRuntime):
                 return
             yield batch if batch is not None else (torch.zeros((0, *input_shape)), torch.zeros(0, dtype=torch.long))
 
-    # checkpoints: DCP folders with a "complete" manifest, like DeepSpeed's
-    list_checkpoints = DeepSpeedRuntime.list_checkpoints
+    def list_checkpoints(self, ckpt_dir: pathlib.Path) -> list[pathlib.Path]:
+        return ckpt.list_folders(ckpt_dir)         # DCP folders with a "complete" manifest, like DeepSpeed's
 
     def reshard(self) -> None:
         """Free the unsharded parameters a forward without backward (evaluation, FLOPs count) left
@@ -423,9 +419,7 @@ class FSDP2Runtime(DistributedRuntime):
                 tag.rename(old)
             tmp.rename(tag)
             shutil.rmtree(old, ignore_errors=True)
-            for stale in self.list_checkpoints(ckpt_dir)[:-keep_last]:
-                if stale.name != tag.name:
-                    shutil.rmtree(stale, ignore_errors=True)
+            ckpt.rotate_folders(ckpt_dir, keep_last, tag)
         self.barrier()
         return tag
 
