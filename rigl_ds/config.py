@@ -15,6 +15,7 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo,
                       field_validator, model_validator)
 
+from rigl_ds.core.distributions import DISTRIBUTIONS
 from rigl_ds.core.sparsifier import SparsityConfig as CoreSparsityConfig
 
 MODELS = ("small_cnn", "mlp", "resnet18", "resnet50")
@@ -104,7 +105,7 @@ class LRScheduleSection(_Strict):
 class SparsitySection(_Strict):
     method: Literal["rigl", "set", "static", "dense"] = "rigl"
     sparsity: float = Field(0.9, ge=0.0, lt=1.0)
-    distribution: Literal["uniform", "er", "erk"] = "erk"
+    distribution: Literal[DISTRIBUTIONS] = "erk"     # see rigl_ds.core.distributions
     delta: int = Field(100, ge=1)
     alpha: float = Field(0.3, ge=0.0, le=1.0)
     t_end: Union[int, float] = 0.75

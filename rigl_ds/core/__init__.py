@@ -1,5 +1,6 @@
 """Pure sparse-training core: decides masks. Imports neither torch.distributed, DeepSpeed nor DALI."""
-from .distributions import DISTRIBUTIONS, achieved_density, er, erk, get_distribution, nnz_for, uniform
+from .distributions import (DISTRIBUTIONS, achieved_density, er, erk, get_distribution, nnz_for, uniform,
+                            uniform_nv)
 from .engine import Engine
 from .flops import ForwardFlops, forward_flops, training_flops_ratio
 from .layers import MaskedLayer, select_layers
@@ -11,5 +12,5 @@ __all__ = [
     "DISTRIBUTIONS", "METHODS", "Engine", "ForwardFlops", "MaskedLayer", "RigL", "SET", "Sparsifier",
     "SparsityConfig", "Static", "UpdateSchedule", "achieved_density", "build_sparsifier",
     "drop_and_grow", "er", "erk", "forward_flops", "get_distribution", "nnz_for", "random_mask",
-    "select_layers", "training_flops_ratio", "uniform", "update_mask",
+    "select_layers", "training_flops_ratio", "uniform", "uniform_nv", "update_mask",
 ]

@@ -1,4 +1,4 @@
-"""Per-layer sparsity distributions: ``uniform``, ``er`` and ``erk`` (SPEC §1–§2).
+"""Per-layer sparsity distributions: ``uniform``, ``uniform_nv``, ``er`` and ``erk`` (SPEC §1–§2).
 
 Every distribution is a pure function with one signature::
 
@@ -16,7 +16,7 @@ from typing import Callable, Mapping, Sequence, Union
 from .layers import MaskedLayer
 
 Override = Union[float, str]   # a sparsity in [0, 1], or "dense"
-DISTRIBUTIONS = ("uniform", "er", "erk")
+DISTRIBUTIONS = ("uniform", "uniform_nv", "er", "erk")
 
 
 def _check_sparsity(value: float, where: str) -> float:
@@ -60,6 +60,17 @@ def resolve_overrides(
     return fixed
 
 
+def _uniform(layers: Sequence[MaskedLayer], sparsity: float, overrides: Mapping[str, Override] | None,
+             dense: Callable[[MaskedLayer], bool]) -> dict[str, float]:
+    fixed = resolve_overrides(layers, overrides)
+    return {l.name: 1.0 - fixed[l.name] if l.name in fixed else (1.0 if dense(l) else 1.0 - sparsity)
+            for l in layers}
+
+
+def _first_conv(layers: Sequence[MaskedLayer]) -> str | None:
+    return next((l.name for l in layers if l.is_conv), None)
+
+
 def uniform(
     layers: Sequence[MaskedLayer],
     sparsity: float,
@@ -67,23 +78,27 @@ def uniform(
     overrides: Mapping[str, Override] | None = None,
     power_scale: float = 1.0,
 ) -> dict[str, float]:
-    """Every layer at ``sparsity`` except the first conv, which stays dense (SPEC §1).
-
-    The final linear layer is sparse (official ``last_layer_sparsity=-1``).
-    """
+    """google-research/rigl's uniform: every layer at ``sparsity`` except the first conv, which
+    stays dense; the final linear layer is sparse (official ``last_layer_sparsity=-1``, SPEC §1)."""
     del power_scale  # same signature as the other distributions
-    sparsity = _check_sparsity(sparsity, "uniform")
-    fixed = resolve_overrides(layers, overrides)
-    first_conv = next((l.name for l in layers if l.is_conv), None)
-    out: dict[str, float] = {}
-    for layer in layers:
-        if layer.name in fixed:
-            out[layer.name] = 1.0 - fixed[layer.name]
-        elif layer.name == first_conv:
-            out[layer.name] = 1.0
-        else:
-            out[layer.name] = 1.0 - sparsity
-    return out
+    first = _first_conv(layers)
+    return _uniform(layers, _check_sparsity(sparsity, "uniform"), overrides, lambda l: l.name == first)
+
+
+def uniform_nv(
+    layers: Sequence[MaskedLayer],
+    sparsity: float,
+    *,
+    overrides: Mapping[str, Override] | None = None,
+    power_scale: float = 1.0,
+) -> dict[str, float]:
+    """nv_rigl_imagenet's uniform, which trained the table's uniform rows (its ``RigLScheduler``
+    with the default ``ignore_linear_layers=True``): the first conv and every ``nn.Linear`` stay
+    dense, every other layer is at ``sparsity`` (SPEC §1). For ResNet-50: conv1 and fc dense."""
+    del power_scale
+    first = _first_conv(layers)
+    return _uniform(layers, _check_sparsity(sparsity, "uniform_nv"), overrides,
+                    lambda l: l.name == first or l.is_linear)
 
 
 def _raw_erk(shape: tuple[int, ...]) -> float:
@@ -168,7 +183,8 @@ def er(
     return _solve(layers, _check_sparsity(sparsity, "er"), overrides, power_scale, _raw_er)
 
 
-_BY_NAME: dict[str, Callable[..., dict[str, float]]] = {"uniform": uniform, "er": er, "erk": erk}
+_BY_NAME: dict[str, Callable[..., dict[str, float]]] = {"uniform": uniform, "uniform_nv": uniform_nv, "er": er,
+                                                         "erk": erk}
 
 
 def get_distribution(name: str) -> Callable[..., dict[str, float]]:
@@ -180,9 +196,15 @@ def get_distribution(name: str) -> Callable[..., dict[str, float]]:
 
 
 def nnz_for(numel: int, density: float) -> int:
-    """Active weights of a layer: numel - floor(sparsity * numel) with sparsity = 1 - density."""
+    """Active weights of a layer: numel - floor(sparsity * numel) with sparsity = 1 - density (SPEC §3).
+
+    The floor is taken with a tolerance of 1e-6 of one weight: densities arrive as ``1 - s``, and
+    ``1 - (1 - s)`` can land a hair below ``s`` in binary (0.7 -> 0.69999999999999996), which would
+    floor an exact product such as 0.7 * 10 = 7 zeros down to 6. With a sparsity of at most 6
+    decimal digits, s * numel is an integer or at least 1e-6 away from one, so the tolerance only
+    undoes round-off (ERK densities are real numbers; for them it moves no practical count).
+    """
     sparsity = 1.0 - density
-    # Guard against 1 - (1 - s) round-off pushing an exact product just below an integer.
     zeros = math.floor(sparsity * numel + 1e-6)
     return numel - min(max(zeros, 0), numel)
 

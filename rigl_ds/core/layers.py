@@ -19,6 +19,7 @@ class MaskedLayer:
     module_name: str   # e.g. "layer1.0.conv1"
     shape: tuple[int, ...]
     is_conv: bool
+    is_linear: bool = False   # an nn.Linear weight (nv_rigl_imagenet's uniform keeps these dense)
 
     @property
     def numel(self) -> int:
@@ -90,6 +91,7 @@ def select_layers(
                 module_name=owner_name,
                 shape=shape,
                 is_conv=isinstance(module, nn.modules.conv._ConvNd),
+                is_linear=isinstance(module, nn.Linear),
             )
         )
     if include:

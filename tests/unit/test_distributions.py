@@ -1,7 +1,7 @@
 import pytest
 import torchvision
 
-from rigl_ds.core.distributions import achieved_density, er, erk, get_distribution, nnz_for, uniform
+from rigl_ds.core.distributions import achieved_density, er, erk, get_distribution, nnz_for, uniform, uniform_nv
 from rigl_ds.core.layers import MaskedLayer, select_layers
 
 
@@ -65,6 +65,23 @@ def test_uniform_first_conv_dense_final_linear_sparse():
     assert d == {"fc0.weight": pytest.approx(0.1), "conv1.weight": 1.0, "conv2.weight": pytest.approx(0.1),
                  "fc.weight": pytest.approx(0.1)}
     assert [nnz_for(l.numel, d[l.name]) for l in layers] == [16 - 14, 216, 576 - 518, 80 - 72]
+
+
+def test_uniform_nv_keeps_first_conv_and_linear_layers_dense():
+    layers = [L("conv1.weight", 8, 3, 3, 3), L("conv2.weight", 8, 8, 3, 3), L("fc.weight", 10, 8)]
+    layers[2] = MaskedLayer("fc.weight", "fc", (10, 8), is_conv=False, is_linear=True)
+    d = uniform_nv(layers, 0.9)
+    assert d == {"conv1.weight": 1.0, "conv2.weight": pytest.approx(0.1), "fc.weight": 1.0}
+    assert uniform(layers, 0.9)["fc.weight"] == pytest.approx(0.1)           # google-research/rigl: sparse
+    assert uniform_nv(layers, 0.9, overrides={"fc": 0.5})["fc.weight"] == 0.5  # an override still wins
+
+
+def test_resnet50_dense_layers_of_each_uniform():
+    layers = select_layers(torchvision.models.resnet50(weights=None))
+    for fn, dense in ((uniform, {"conv1.weight"}), (uniform_nv, {"conv1.weight", "fc.weight"})):
+        d = fn(layers, 0.8)
+        assert {n for n, v in d.items() if v == 1.0} == dense
+        assert all(v == pytest.approx(0.2) for n, v in d.items() if n not in dense)
 
 
 def test_overrides_excluded_from_the_solve_and_applied_as_given():

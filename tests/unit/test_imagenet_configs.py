@@ -14,6 +14,9 @@ DIR = ROOT / "configs" / "imagenet"
 SPEC = ROOT.parent / "shared" / "SPEC.md"
 ROWS = [(d, s) for s in (80, 90) for d in ("uniform", "erk")]
 EPOCHS = (100, 500, 1200)
+# the rows' distribution as the code that produced the table ran it: nv_rigl_imagenet's uniform keeps
+# conv1 and fc dense (RigLScheduler, ignore_linear_layers=True); its ERK list is the official ERK
+DISTRIBUTION = {"uniform": "uniform_nv", "erk": "erk"}
 
 
 def path(dist, s, e) -> pathlib.Path:
@@ -60,7 +63,7 @@ def test_the_three_lengths_differ_only_in_epochs(dist, s):
     docs = [yaml.safe_load(path(dist, s, e).read_text()) for e in EPOCHS]
     for doc, e in zip(docs, EPOCHS):
         assert doc == {"extends": "_base.yaml", "name": f"resnet50_{dist}_s{s}_e{e}",
-                       "sparsity": {"sparsity": s / 100, "distribution": dist}, "train": {"epochs": e}}
+                       "sparsity": {"sparsity": s / 100, "distribution": DISTRIBUTION[dist]}, "train": {"epochs": e}}
     cfgs = [load_config(path(dist, s, e)).model_dump() for e in EPOCHS]
     for c, e in zip(cfgs, EPOCHS):
         assert c["train"].pop("epochs") == e and c.pop("name") == f"resnet50_{dist}_s{s}_e{e}"
@@ -92,8 +95,18 @@ def test_plan_without_the_data(dist, s, monkeypatch):
         assert (sch["steps_per_epoch"], sch["global_batch"], sch["delta"]) == (625, 2048, 100)
         assert sch["t_end"] == round(0.8 * n)
         assert sch["num_mask_updates"] == (sch["t_end"] - 1) // 100
-        assert abs(p["global_density"] - (1 - s / 100)) < 1e-3
         assert "ImageNet-1k sizes assumed" in p["data"]["note"]
+        layers = p["layers"]
+        assert len(layers) == 54 and p["distribution"] == DISTRIBUTION[dist]
+        if dist == "uniform":       # conv1 and fc dense, each of the other 52 convs exactly at 1 - S
+            dense = {r["name"] for r in layers if r["nnz"] == r["numel"]}
+            assert dense == {"conv1.weight", "fc.weight"}
+            for r in layers:
+                if r["name"] not in dense:
+                    assert r["nnz"] == r["numel"] - (r["numel"] * s) // 100, r["name"]
+        else:
+            assert abs(p["global_density"] - (1 - s / 100)) < 1e-5
+        assert p["global_density"] == sum(r["nnz"] for r in layers) / sum(r["numel"] for r in layers)
 
 
 def test_global_batch_is_kept_by_gradient_accumulation_on_fewer_ranks():
