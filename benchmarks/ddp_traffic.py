@@ -63,7 +63,7 @@ def worker(rank: int, world: int, port: int, args, queue) -> None:
             "bytes_per_ordinary_step": statistics.median(ordinary_bytes),
             "dense_bytes_per_step": statistics.median(dense_bytes),
             "median_ordinary_step_s": statistics.median(times[1:]),
-            "global_density": sp.global_density,
+            "global_density": sp.measure().mask_density,
         }
     end_rank(rank, out, queue)
 

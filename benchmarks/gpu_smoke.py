@@ -114,7 +114,7 @@ def train_compare(steps: int, batch: int, size: int, dtype: str, delta: int, dev
             "rigl_over_dense_step_time": med["rigl"] / med["dense"],
             "mask_update_step_ms": statistics.mean(upd) * 1e3 if upd else float("nan"),
             "ordinary_step_ms": med["rigl"] * 1e3, "updates": len(upd),
-            "global_density": sp.global_density, "zeros_under_mask": zeros_ok}
+            "global_density": sp.measure().mask_density, "zeros_under_mask": zeros_ok}
 
 
 def cli_run(folder: str, backend: str, run_dir: str, steps: int, batch: int, size: int, dtype: str) -> dict:

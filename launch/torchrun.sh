@@ -4,12 +4,16 @@
 # Environment (defaults: one node, every GPU, or 2 CPU processes without a GPU):
 #   NNODES=1 NODE_RANK=0 NPROC_PER_NODE=<gpus|2> MASTER_ADDR=127.0.0.1 MASTER_PORT=29500
 # Multi-node: run the same command on every node with NNODES=N, its own NODE_RANK and node 0's MASTER_ADDR.
+# SIGINT, SIGTERM and SIGUSR1 to torchrun reach every worker, which finishes its step, checkpoints and
+# exits; torchrun waits SHUTDOWN_TIMEOUT seconds (default 300) for that before it kills them.
 set -euo pipefail
 config=${1:?usage: launch/torchrun.sh CONFIG.yaml [key=value ...]}
 shift
 if [ -z "${NPROC_PER_NODE:-}" ]; then
   NPROC_PER_NODE=$(python -c "import torch; print(torch.cuda.device_count() or 2)")
 fi
+export TORCHELASTIC_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-300}
 exec torchrun --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" --nproc_per_node "$NPROC_PER_NODE" \
   --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}" \
   -m rigl_ds.cli train "$config" engine.name="${ENGINE:-ddp}" "$@"

@@ -10,6 +10,7 @@ import traceback
 from typing import Sequence
 
 from rigl_ds.logs import process_rank, setup_logging
+from rigl_ds.stop import StopRequested
 
 logger = logging.getLogger("rigl_ds.cli")
 
@@ -18,7 +19,7 @@ EXAMPLES = """examples:
   rigl-ds train configs/quickstart.yaml sparsity.sparsity=0.8 sparsity.method=set
   rigl-ds train configs/quickstart.yaml resume=auto
   rigl-ds plan configs/quickstart.yaml --json
-  rigl-ds eval configs/quickstart.yaml --checkpoint runs/quickstart-*/checkpoints/step_00000660.pt
+  rigl-ds eval configs/quickstart.yaml --checkpoint runs/quickstart-*/checkpoints/step_00001320.pt
   rigl-ds validate configs/*.yaml
 """
 
@@ -57,8 +58,9 @@ def cmd_train(args) -> int:
         tb = pathlib.Path(result["run_dir"]) / "tb"
         print(f"\nfinished {result['steps']} steps in {result['seconds']:.1f} s")
         print(f"test accuracy: top-1 {ev['top1']:.4f}, top-5 {ev['top5']:.4f} on {ev['count']} examples")
-        print(f"achieved density: {result['global_density']:.6f} "
-              f"(sparsity {1 - result['global_density']:.6f}); training FLOPs {result['train_flops_ratio']:.3f}x dense")
+        print(f"achieved density: {result['global_density']:.6f} of the masked weights active "
+              f"(sparsity {1 - result['global_density']:.6f}), {result['nonzero_density']:.6f} nonzero; "
+              f"training FLOPs {result['train_flops_ratio']:.3f}x dense")
         print(f"run directory: {result['run_dir']} (config.yaml, result.json, checkpoints/)")
         print(f"TensorBoard logs: {tb}\n  view them with: tensorboard --logdir {tb}")
     return 0
@@ -96,16 +98,19 @@ def cmd_eval(args) -> int:
     masks = (state.get("sparsifier") or {}).get("masks")
     layers = []
     for l in select_layers(exp.model, cfg.sparsity.include, cfg.sparsity.exclude):
-        nnz = int(masks[l.name].sum()) if masks and l.name in masks else int(torch.count_nonzero(params[l.name]))
-        layers.append({"name": l.name, "numel": l.numel, "nnz": nnz, "density": nnz / l.numel})
+        nonzero = int(torch.count_nonzero(params[l.name]))
+        nnz = int(masks[l.name].sum()) if masks and l.name in masks else nonzero
+        layers.append({"name": l.name, "numel": l.numel, "nnz": nnz, "nonzero": nonzero, "density": nnz / l.numel})
     total = sum(r["numel"] for r in layers)
     out = {"checkpoint": args.checkpoint, "step": state["step"], "top1": res["top1"], "top5": res["top5"],
-           "count": res["count"], "global_density": sum(r["nnz"] for r in layers) / total, "layers": layers}
+           "count": res["count"], "global_density": sum(r["nnz"] for r in layers) / total,
+           "nonzero_density": sum(r["nonzero"] for r in layers) / total, "layers": layers}
     if args.json:
         print(json.dumps(out))
     else:
         print(f"{args.checkpoint} (step {out['step']}): top-1 {out['top1']:.4f}, top-5 {out['top5']:.4f} "
-              f"on {out['count']} examples; global density {out['global_density']:.6f}")
+              f"on {out['count']} examples; global density {out['global_density']:.6f} "
+              f"({out['nonzero_density']:.6f} nonzero)")
         for r in layers:
             print(f"  {r['name']:<44} {r['nnz']:>10}/{r['numel']:<10} {r['density']:.4f}")
     return 0
@@ -172,8 +177,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verbose:
             traceback.print_exc()
         return 2
+    except StopRequested as e:            # a signal: the step was finished and checkpointed
+        if process_rank() == 0:
+            print(f"rigl-ds {args.command}: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted (a second Ctrl-C: no checkpoint of the last steps; resume=auto continues from the "
+              "newest checkpoint)", file=sys.stderr)
         return 130
 
 

@@ -11,6 +11,7 @@ import math
 import os
 import pathlib
 import random
+import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from rigl_ds.config import ConfigError, ExperimentConfig, for_world, schedule_pr
 from rigl_ds.core import Sparsifier, build_sparsifier, forward_flops
 from rigl_ds.data import Data, DataInfo, build_data, describe_data
 from rigl_ds.models import build_model
+from rigl_ds.stop import StopRequested, StopSignal
 
 logger = logging.getLogger(__name__)
 
@@ -226,7 +228,8 @@ class Trainer:
         self._buffer_backup = [b.detach().clone() for b in self._buffers]
         # running sums of the current logging window (saved, so a resumed run logs the same values)
         self.window: dict[str, Any] = {"loss_sum": 0.0, "correct1": 0.0, "correct5": 0.0, "n": 0}
-        self.train_seconds = 0.0      # wall time inside train_step (this process, since start/resume)
+        # wall time of the run over all its sessions (saved in checkpoints; not part of the training state)
+        self.elapsed = {"seconds": 0.0, "train_step_seconds": 0.0}
         self.run_dir = pathlib.Path(self.rt.broadcast_object(str(resolve_run_dir(cfg))))
 
     # -------------------------------------------------------------- setup
@@ -287,8 +290,9 @@ class Trainer:
             "mix_rng": self.mix_rng.bit_generator.state,
             "cum_flops": dict(self.cum_flops),
             "nonfinite_steps": self.nonfinite_steps,
-            "log_window": {k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in self.window.items()},
+            "log_window": self._window_rows(),
             "config": self.cfg.model_dump(mode="json"),
+            "time": dict(self.elapsed),
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -304,8 +308,26 @@ class Trainer:
         self.mix_rng.bit_generator.state = state["mix_rng"]
         self.cum_flops = dict(state["cum_flops"])
         self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
-        self.window = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in state["log_window"].items()}
+        self.window = self._window_from_rows(state["log_window"])
         self.step = int(state["step"])
+        self.elapsed = dict(state.get("time") or self.elapsed)
+
+    _WINDOW = ("loss_sum", "correct1", "correct5", "n")
+
+    def _window_rows(self) -> torch.Tensor:
+        """Every rank's running sums of the current logging window, one row per rank (a collective):
+        a run stopped mid-window resumes each rank's own sums, so the next logged values are exact."""
+        mine = torch.tensor([float(self.window[k]) for k in self._WINDOW], dtype=torch.float64, device=self.device)
+        return self.rt.all_gather(mine).cpu()
+
+    def _window_from_rows(self, rows: torch.Tensor) -> dict[str, Any]:
+        rank, world = self.rt.rank, self.rt.world
+        if rows.shape[0] == world:
+            row = rows[rank]
+        else:                   # another world size: the window's totals go to rank 0
+            row = rows.sum(0) if rank == 0 else torch.zeros_like(rows[0])
+        f32 = [torch.tensor(float(v), dtype=torch.float32, device=self.device) for v in row[:3].tolist()]
+        return dict(zip(self._WINDOW, [*f32, torch.tensor(int(row[3]))]))
 
     def save(self, writer=None) -> pathlib.Path:
         """Checkpoint this step (TensorBoard events up to it are flushed first). A failed write (full
@@ -404,58 +426,76 @@ class Trainer:
         stop = min(total, cfg.train.max_steps) if cfg.train.max_steps else total
         accum = cfg.train.grad_accumulation
         eval_every = max(1, int(round(cfg.train.eval_every_epochs * spe)))
+        done = self._finished(stop)
+        if done is not None:
+            return done
         # events of steps after the checkpoint (a killed run's) are hidden; the checkpoint's own step
         # was logged before it was saved and is not logged again
-        resumed_at = self.step
         writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step + 1 if self.step else None) \
             if cfg.logging.tensorboard and self.is_main else None
-        if writer is not None and self.step == 0:
-            writer.add_text("config", "```\n" + to_yaml(cfg) + "\n```", 0)
-            self._log_density(writer, 0)
+        if self.step == 0:
+            dens = self.densities()               # every rank: a collective under sharded engines
+            if writer is not None:
+                writer.add_text("config", "```\n" + to_yaml(cfg) + "\n```", 0)
+                self._log_density(writer, 0, dens)
         bar = tqdm(total=stop, initial=self.step, disable=not (cfg.logging.progress and self.is_main), dynamic_ncols=True,
                    desc=cfg.name, unit="step")
         window = self.window
         window_t0 = time.perf_counter()
         t_start = time.perf_counter()
-        while self.step < stop:
-            epoch, in_epoch = divmod(self.step, spe)
-            batches = self.data.train_batches(epoch, start_batch=in_epoch * accum)
-            for _ in range(in_epoch, spe):
-                if self.step >= stop:
-                    break
-                micro = [next(batches) for _ in range(accum)]
-                t0 = time.perf_counter()
-                stats = self.train_step(micro)
-                self.train_seconds += time.perf_counter() - t0
-                faults.point("step")
-                for k in window:
-                    window[k] = window[k] + stats[k]
-                self.window = window
-                bar.update(1)
-                if self.sparsifier is not None and self.sparsifier.last_update and \
-                        self.sparsifier.last_update["step"] == self.step - 1 and writer is not None:
-                    self._log_update(writer, self.step)
-                if self.step % cfg.logging.log_every == 0 or self.step == total:
-                    window, window_t0 = self._log_window(writer, bar, window, window_t0)
+        stopped = 0
+        with StopSignal(self.rt.stop_group(), distributed=self.rt.world > 1) as stop_signal:
+            while self.step < stop and not stopped:
+                epoch, in_epoch = divmod(self.step, spe)
+                batches = self.data.train_batches(epoch, start_batch=in_epoch * accum)
+                for _ in range(in_epoch, spe):
+                    if self.step >= stop:
+                        break
+                    micro = [next(batches) for _ in range(accum)]
+                    t0 = time.perf_counter()
+                    stats = self.train_step(micro)
+                    self.elapsed["train_step_seconds"] += time.perf_counter() - t0
+                    faults.point("step")
+                    for k in window:
+                        window[k] = window[k] + stats[k]
                     self.window = window
-                if self.step % eval_every == 0 and self.step != stop:
-                    self._eval(writer)
-                if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0 \
-                        and self.step != stop:
-                    self.save(writer)
+                    bar.update(1)
+                    if self.sparsifier is not None and self.sparsifier.last_update and \
+                            self.sparsifier.last_update["step"] == self.step - 1:
+                        self._log_update(writer, self.step)
+                    if self.step % cfg.logging.log_every == 0 or self.step == total:
+                        window, window_t0 = self._log_window(writer, bar, window, window_t0)
+                        self.window = window
+                    if self.step % eval_every == 0 and self.step != stop:
+                        self._eval(writer)
+                    stopped = stop_signal.after_step() if self.step != stop else 0
+                    if stopped or (cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0
+                                   and self.step != stop):
+                        self.elapsed["seconds"] += time.perf_counter() - t_start
+                        t_start = time.perf_counter()
+                        path = self.save(writer)
+                    if stopped:
+                        break
         bar.close()
-        # a run resumed from its final checkpoint logged its final evaluation before that save
-        final = self._eval(writer if resumed_at < stop else None)
+        self.elapsed["seconds"] += time.perf_counter() - t_start
+        if stopped:
+            if writer is not None:
+                writer.close()
+            name = signal.Signals(stopped).name
+            raise StopRequested(stopped, self.step, (
+                f"stopped by {name} after step {self.step} of {stop}; checkpoint {path}. Resume with the same "
+                f"command and: resume=auto logging.run_dir={self.run_dir}"))
         if cfg.checkpoint.at_end:
-            self.save(writer)
+            self.save(writer)          # before the final evaluation, whose data loader draws random numbers
+        final = self._eval(writer)
         if writer is not None:
             writer.close()
         result = {
             "run_dir": str(self.run_dir), "steps": self.step, "total_steps": total,
-            "eval": final, "global_density": self.global_density(),
+            "eval": final, **self.densities(),
             "train_flops_ratio": self.cum_flops["sparse"] / max(self.cum_flops["dense"], 1.0),
-            "seconds": time.perf_counter() - t_start,
-            "train_step_seconds": self.train_seconds,
+            # cumulative over every session of the run (a resumed run adds its own)
+            "seconds": self.elapsed["seconds"], "train_step_seconds": self.elapsed["train_step_seconds"],
             "engine": self.rt.name, "world_size": self.rt.world,
         }
         if self.is_main:
@@ -463,28 +503,51 @@ class Trainer:
         self.rt.barrier()
         return result
 
-    # -------------------------------------------------------------- reporting
-    def global_density(self) -> float:
-        return self.sparsifier.global_density if self.sparsifier else 1.0
+    def _finished(self, stop: int) -> dict[str, Any] | None:
+        """The stored result when ``resume`` found this run already finished (its result.json is of
+        the step it resumed at): nothing is trained, evaluated or rewritten."""
+        path = self.run_dir / "result.json"
+        if self.cfg.resume is None or self.step < stop or not path.is_file():
+            return None
+        try:
+            result = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        if result.get("steps") != self.step:
+            return None
+        logger.info("%s already finished at step %d; its result.json is kept as it is", self.run_dir, self.step)
+        return result
 
-    def _log_density(self, writer, step: int) -> None:
+    # -------------------------------------------------------------- reporting
+    def densities(self) -> dict[str, float]:
+        """Measured now from the live masks and weights (all ranks' shards): the fraction of active
+        mask entries and of nonzero weights over the masked layers (a collective: every rank calls it)."""
         if self.sparsifier is None:
-            writer.add_scalar("sparsity/global_density", 1.0, step)
+            return {"global_density": 1.0, "nonzero_density": 1.0}
+        m = self.sparsifier.measure()
+        self._measured = m
+        return {"global_density": m.mask_density, "nonzero_density": m.nonzero_density}
+
+    def _log_density(self, writer, step: int, dens: dict[str, float]) -> None:
+        if writer is None:
             return
-        # exact active counts (checked over all ranks at every update; masks may be sharded)
-        writer.add_scalar("sparsity/global_density", self.sparsifier.global_density, step)
-        if self.cfg.logging.per_layer:
-            for name, d in self.sparsifier.layer_densities().items():
+        writer.add_scalar("sparsity/global_density", dens["global_density"], step)
+        writer.add_scalar("sparsity/nonzero_density", dens["nonzero_density"], step)
+        if self.sparsifier is not None and self.cfg.logging.per_layer:
+            for name, d in self._measured.layer_mask_density().items():
                 writer.add_scalar(f"density/{name}", d, step)
 
     def _log_update(self, writer, step: int) -> None:
+        dens = self.densities()
+        if writer is None:
+            return
         upd = self.sparsifier.last_update
         writer.add_scalar("rigl/drop_fraction", upd["drop_fraction"], step)
         writer.add_scalar("rigl/churn", upd["churn"], step)
         if self.cfg.logging.per_layer:
             for name, c in upd["churn_per_layer"].items():
                 writer.add_scalar(f"churn/{name}", c, step)
-        self._log_density(writer, step)
+        self._log_density(writer, step, dens)
 
     def _log_window(self, writer, bar, window, t0):
         now = time.perf_counter()
@@ -497,8 +560,8 @@ class Trainer:
         loss, top1, top5 = sums[0] / n, sums[1] / n, sums[2] / n
         ips = n / max(now - t0, 1e-9)
         lr = self.optimizer.param_groups[0]["lr"]
-        density = self.global_density()
-        bar.set_postfix(loss=f"{loss:.4f}", acc=f"{top1:.3f}", img_s=f"{ips:.0f}", density=f"{density:.4f}")
+        dens = self.densities()
+        bar.set_postfix(loss=f"{loss:.4f}", acc=f"{top1:.3f}", img_s=f"{ips:.0f}", density=f"{dens['global_density']:.4f}")
         if writer is not None:
             s = self.step
             writer.add_scalar("train/loss", loss, s)
@@ -507,7 +570,8 @@ class Trainer:
             writer.add_scalar("train/lr", lr, s)
             writer.add_scalar("train/img_per_s", ips, s)
             writer.add_scalar("train/nonfinite_steps", self.nonfinite_steps, s)
-            writer.add_scalar("sparsity/global_density", density, s)
+            writer.add_scalar("sparsity/global_density", dens["global_density"], s)
+            writer.add_scalar("sparsity/nonzero_density", dens["nonzero_density"], s)
             writer.add_scalar("flops/train_ratio_cumulative",
                               self.cum_flops["sparse"] / max(self.cum_flops["dense"], 1.0), s)
         return {"loss_sum": 0.0, "correct1": 0.0, "correct5": 0.0, "n": 0}, now
@@ -528,6 +592,10 @@ class Trainer:
 def train(cfg: ExperimentConfig) -> dict[str, Any]:
     """Build and run an experiment; returns the final metrics (also written to result.json)."""
     trainer = Trainer(cfg)
-    result = trainer.run()
+    try:
+        result = trainer.run()
+    except StopRequested:
+        trainer.rt.close()         # every rank stopped after the same step: the collectives line up
+        raise
     trainer.rt.close()
     return result

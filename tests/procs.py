@@ -49,3 +49,31 @@ def run(cmd: list[str], *, timeout: float = 600, **kw) -> subprocess.CompletedPr
 def shm_segments() -> set[str]:
     """DeepSpeed's CPU shared-memory all-reduce segments now in /dev/shm."""
     return set(glob.glob(SHM_GLOB))
+
+
+def signal_when(proc: Proc, ready, sig: int, *, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Send ``sig`` to ``proc``'s command (the launcher, as a user or a scheduler would) once ``ready()``
+    is true, then wait for it to end. Fails if the command ends first or ``ready()`` never holds."""
+    import time
+
+    end = time.monotonic() + timeout
+    while not ready():
+        if proc.p.poll() is not None:
+            out = proc.finish()
+            raise AssertionError(f"{' '.join(proc.cmd)} ended (rc {out.returncode}) before it was signalled:\n"
+                                 f"{(out.stdout or '')[-3000:]}\n{(out.stderr or '')[-3000:]}")
+        if time.monotonic() > end:
+            proc._kill_group()
+            raise AssertionError(f"{' '.join(proc.cmd)}: not ready to be signalled after {timeout} s")
+        time.sleep(0.05)
+    os.kill(proc.p.pid, sig)
+    return proc.finish()
+
+
+def stopped_step(output: str, signame: str) -> int:
+    """The step a run reported stopping after, on ``signame``."""
+    import re
+
+    m = re.search(rf"stopped by {signame} after step (\d+) of \d+; checkpoint (\S+)\.", output)
+    assert m, output[-3000:]
+    return int(m.group(1))

@@ -74,6 +74,30 @@ class SparsityConfig:
         object.__setattr__(self, "overrides", dict(self.overrides))
 
 
+@dataclass(frozen=True)
+class DensityReport:
+    """Live counts of the masked layers: name -> (active mask entries, nonzero weights, numel)."""
+
+    layers: Mapping[str, tuple[int, int, int]]
+
+    def _ratio(self, i: int) -> float:
+        total = sum(v[2] for v in self.layers.values())
+        return sum(v[i] for v in self.layers.values()) / total if total else 1.0
+
+    @property
+    def mask_density(self) -> float:
+        """Active mask entries / weights, over all masked layers."""
+        return self._ratio(0)
+
+    @property
+    def nonzero_density(self) -> float:
+        """Nonzero weights / weights, over all masked layers (<= mask_density)."""
+        return self._ratio(1)
+
+    def layer_mask_density(self) -> dict[str, float]:
+        return {n: a / numel for n, (a, _, numel) in self.layers.items()}
+
+
 class Sparsifier:
     """Keeps masked weights at zero and, for dynamic methods, updates the masks every ``delta`` steps.
 
@@ -140,9 +164,9 @@ class Sparsifier:
             self.engine.add_post_step_hook(self.engine.mask_weights)
         self.rezero_weights = rezero
         logger.info(
-            "%s: %d masked layers, target sparsity %.4f (%s), achieved global density %.6f, "
+            "%s: %d masked layers, target sparsity %.4f (%s), planned global density %.6f, "
             "%d mask updates (delta=%d, t_end=%d)", type(self).__name__, len(self.layers),
-            cfg.sparsity, cfg.distribution, self.global_density, self.schedule.num_updates if self.updates else 0,
+            cfg.sparsity, cfg.distribution, self.planned_density, self.schedule.num_updates if self.updates else 0,
             self.schedule.delta, self.schedule.t_end)
 
     # ------------------------------------------------------------------ queries
@@ -152,13 +176,30 @@ class Sparsifier:
         return self._step
 
     @property
-    def global_density(self) -> float:
-        """Active weights / all weights over the masked layers."""
+    def planned_density(self) -> float:
+        """The plan: active weights / all weights over the masked layers, after flooring each
+        layer's zeros. What the masks hold is :meth:`measure`."""
         return achieved_density(self.layers, self.densities)
 
     def layer_densities(self) -> dict[str, float]:
-        """Exact density of each masked layer (nnz / numel)."""
+        """The planned density of each masked layer (nnz / numel): what FLOPs are counted with."""
         return {l.name: self.nnz[l.name] / l.numel for l in self.layers}
+
+    @torch.no_grad()
+    def measure(self) -> "DensityReport":
+        """Counted now, over all ranks' shards: each layer's active mask entries and nonzero weights.
+
+        The two differ where a trained weight sits at exactly 0 under an active mask entry (a
+        position just grown, or an optimizer that lands on 0). One host sync; a collective on
+        sharded engines, so every rank calls it. Weights are read as the engine keeps them for the
+        optimizer (DeepSpeed: the fp32 master)."""
+        counts = []
+        for layer in self.layers:
+            mask = self.masks[layer.name]
+            w = self.engine.weight(layer.name)
+            counts.append(torch.stack([torch.count_nonzero(mask).cpu(), torch.count_nonzero(w).cpu()]))
+        total = self.engine.total(torch.stack(counts)).tolist()
+        return DensityReport({l.name: (int(a), int(nz), l.numel) for l, (a, nz) in zip(self.layers, total)})
 
     def wants_dense_grad(self) -> bool:
         """Does the current step's dense gradient feed a grow score? (Engines ask this during

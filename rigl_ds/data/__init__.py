@@ -131,13 +131,18 @@ class LoaderData(Data):
     def train_batches(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         sampler = EpochBatchSampler(len(self.train_set), self.batch_size, seed=self.seed, epoch=epoch,
                                     rank=self.rank, world=self.world, start_batch=start_batch)
+        # the loader draws its workers' base seed from ``generator``, not from the global RNG: creating
+        # one (every epoch, and mid-epoch on resume) must not move the RNG that the model trains with
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch * 1009 + self.rank)
         return _plain_errors(DataLoader(self.train_set, batch_sampler=sampler, num_workers=self.num_workers,
-                                        persistent_workers=False, pin_memory=torch.cuda.is_available()))
+                                        persistent_workers=False, pin_memory=torch.cuda.is_available(),
+                                        generator=gen))
 
     def val_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         sampler = EpochBatchSampler(len(self.val_set), self.eval_batch_size, seed=0, epoch=0, rank=self.rank,
                                     world=self.world, shuffle=False, drop_last=False)
-        return _plain_errors(DataLoader(self.val_set, batch_sampler=sampler, num_workers=self.num_workers))
+        return _plain_errors(DataLoader(self.val_set, batch_sampler=sampler, num_workers=self.num_workers,
+                                        generator=torch.Generator().manual_seed(self.rank)))
 
 
 def _plain_errors(loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

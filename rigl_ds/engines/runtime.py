@@ -107,6 +107,14 @@ class LocalRuntime:
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         return t
 
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``t``, stacked in rank order (a new leading dimension)."""
+        return t[None]
+
+    def stop_group(self):
+        """The process group on which ranks agree to stop on a signal (CPU tensors: gloo)."""
+        return None
+
     def barrier(self) -> None:
         pass
 
@@ -159,6 +167,16 @@ class DistributedRuntime(LocalRuntime):
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         self.dist.all_reduce(t)
         return t
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        out = [torch.empty_like(t) for _ in range(self.world)]
+        self.dist.all_gather(out, t)
+        return torch.stack(out)
+
+    def stop_group(self):
+        if self.dist.get_backend() == "gloo":
+            return None                      # the default group already takes CPU tensors
+        return self.dist.new_group(backend="gloo")
 
     def barrier(self) -> None:
         self.dist.barrier()

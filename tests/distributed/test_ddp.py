@@ -83,7 +83,7 @@ def ddp_worker(rank, world, packed, channels_last=False):
         if sp.last_update and sp.last_update["step"] == t:
             masks.append({n: m.clone() for n, m in sp.masks.items()})
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
-    return masks, weights, traffic, sp.global_density
+    return masks, weights, traffic, sp.measure().mask_density
 
 
 @pytest.mark.parametrize("packed,channels_last", [(False, False), (True, False), (True, True)],

@@ -2,12 +2,14 @@
 import json
 import os
 import pathlib
+import signal
 import sys
 
 import pytest
 import torch
 
 from tests import procs
+from tests.compare import assert_same, assert_same_run, checkpoint, counted_density, model_and_masks
 from tests.distributed.harness import free_port
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -31,42 +33,70 @@ def launch(script: str, *args: str, env: dict | None = None, background: bool = 
     return p
 
 
-def assert_same_state(a: dict, b: dict) -> None:
-    for k, v in a["model"].items():
-        assert torch.equal(v, b["model"][k]), k
-    for k, m in a["sparsifier"]["masks"].items():
-        assert torch.equal(m, b["sparsifier"]["masks"][k]), k
-    assert a["sparsifier"]["last_update"] == b["sparsifier"]["last_update"]
+def reported_density(out: str, run: pathlib.Path, step: int) -> tuple[float, float]:
+    """The density a run printed and wrote to result.json, checked against a count of its checkpoint."""
+    result = json.loads((run / "result.json").read_text())
+    active, nonzero = counted_density(checkpoint(run, step))
+    assert (result["global_density"], result["nonzero_density"]) == (active, nonzero)
+    assert f"achieved density: {active:.6f} of the masked weights active" in out
+    assert abs(active - 0.1) < 1e-3
+    return active, nonzero
 
 
 def test_torchrun_ddp_resume_and_two_nodes(tmp_path):
-    from rigl_ds.checkpoint import load
-
     straight, split, nodes = tmp_path / "straight", tmp_path / "split", tmp_path / "nodes"
     out = launch("torchrun.sh", CFG, *SHORT, f"logging.run_dir={straight}").stdout
-    assert "test accuracy: top-1" in out and "achieved density: 0.1000" in out
+    assert "test accuracy: top-1" in out
+    reported_density(out, straight, 88)
     # stop mid-epoch at step 53, then resume=auto
     launch("torchrun.sh", CFG, *SHORT, f"logging.run_dir={split}", "train.max_steps=53")
     launch("torchrun.sh", CFG, *SHORT, f"logging.run_dir={split}", "resume=auto")
-    a = load(straight / "checkpoints" / "step_00000088.pt")
-    assert_same_state(a, load(split / "checkpoints" / "step_00000088.pt"))
+    a = assert_same_run(straight, split, 88, evaluated_at=(53,))
     assert a["sparsifier"]["last_update"]["step"] == 60
     # two "nodes" on this machine: two torchrun launchers, node ranks 0 and 1, one process each
     env = dict(NNODES="2", NPROC_PER_NODE="1", MASTER_PORT=str(free_port()))
-    procs = [launch("torchrun.sh", CFG, *SHORT, f"logging.run_dir={nodes}", env=dict(env, NODE_RANK=str(r)),
-                    background=True) for r in (0, 1)]
-    for p in [p.finish() for p in procs]:
+    node_runs = [launch("torchrun.sh", CFG, *SHORT, f"logging.run_dir={nodes}", env=dict(env, NODE_RANK=str(r)),
+                        background=True) for r in (0, 1)]
+    for p in [p.finish() for p in node_runs]:
         assert p.returncode == 0, p.stdout[-4000:]
-    assert_same_state(a, load(nodes / "checkpoints" / "step_00000088.pt"))
+    assert_same_run(straight, nodes, 88)
+    # the same run as a SLURM job (srun and scontrol stood in for by shims): SIGUSR1 before the time
+    # limit -> every rank finishes its step and checkpoints -> the job requeues itself -> it resumes
+    slurm = tmp_path / "slurm"
+    job = slurm_job(tmp_path, *SHORT, f"logging.run_dir={slurm}", "checkpoint.every_steps=20")
+    p = procs.signal_when(job(background=True), (slurm / "checkpoints" / "step_00000020.pt.sha256").exists,
+                          signal.SIGUSR1)
+    assert p.returncode == 0, p.stdout[-3000:]
+    n = procs.stopped_step(p.stdout, "SIGTERM")
+    assert 20 < n < 88 and (slurm / "checkpoints" / f"step_{n:08d}.pt.sha256").is_file()
+    assert "requeueing job 4242" in p.stdout and (tmp_path / "requeued").read_text().split() == ["4242"]
+    out = job().stdout                         # the requeued job: same id, same run directory
+    assert f"at step {n}" in out and not (tmp_path / "requeued").read_text().split()[1:]
+    assert_same_run(straight, slurm, 88)
 
 
-def ds_state(run: pathlib.Path, step: int) -> dict:
-    tag = run / "checkpoints" / f"step_{step:08d}"
-    assert (tag / "complete").is_file()
-    files = sorted(tag.glob("*mp_rank_00_model_states.pt"))     # ZeRO-3 prefixes zero_pp_rank_0_
-    assert files, sorted(p.name for p in tag.iterdir())
-    states = torch.load(files[0], map_location="cpu", weights_only=False)
-    return dict(states["rigl_ds"], model=states["module"])
+def slurm_job(tmp_path: pathlib.Path, *args: str):
+    """launch/slurm.sbatch as SLURM would run it on one node (job 4242, 2 CPU processes), with shims for
+    srun (runs its command, as the task) and scontrol (hostnames; ``requeue`` appends the id to a file)."""
+    shims = tmp_path / "bin"
+    shims.mkdir(exist_ok=True)
+    (shims / "srun").write_text('#!/usr/bin/env bash\nexport SLURM_NODEID=0\nshift\nexec "$@"\n')
+    (shims / "scontrol").write_text(f'#!/usr/bin/env bash\ncase "$1" in\n  show) echo 127.0.0.1;;\n'
+                                    f'  requeue) echo "$2" >> {tmp_path / "requeued"};;\nesac\n')
+    for f in ("srun", "scontrol"):
+        (shims / f).chmod(0o755)
+    env = dict(os.environ, PATH=f"{shims}:{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}",
+               MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1", SLURM_JOB_ID="4242", SLURM_NNODES="1",
+               SLURM_JOB_NODELIST="node0", SLURM_GPUS_ON_NODE="2")
+    cmd = ["bash", str(ROOT / "launch" / "slurm.sbatch"), CFG, *args]
+
+    def start(background: bool = False):
+        if background:
+            return procs.Proc(cmd, env=dict(env, RIGL_DS_FAULT_DELAY="0.1"), cwd=ROOT, timeout=600, merge_output=True)
+        p = procs.run(cmd, env=env, cwd=ROOT, merge_output=True)
+        assert p.returncode == 0, p.stdout[-4000:]
+        return p
+    return start
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
@@ -78,16 +108,20 @@ def test_deepspeed_launcher_each_zero_stage(tmp_path, stage):
     launch("deepspeed.sh", CFG, ds, *SHORT, f"logging.run_dir={run}", "train.max_steps=20")
     out = launch("deepspeed.sh", CFG, ds, *SHORT, f"logging.run_dir={run}", "train.max_steps=25",
                  "resume=auto").stdout
-    assert "achieved density: 0.1000" in out
     result = json.loads((run / "result.json").read_text())
     assert result["steps"] == 25 and result["eval"]["count"] == 360
-    state = ds_state(run, 25)
-    masks = state["sparsifier"]["masks"]
-    assert state["sparsifier"]["last_update"]["step"] == 20
-    assert abs(sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values()) - 0.1) < 1e-3
+    state = checkpoint(run, 25)
+    main = state["mp_rank_00_model_states.pt" if stage < 3 else "zero_pp_rank_0_mp_rank_00_model_states.pt"]
+    assert main["rigl_ds"]["sparsifier"]["last_update"]["step"] == 20
     if stage < 3:   # ZeRO-3 keeps the module state partitioned in its own files
+        reported_density(out, run, 25)
+        model, masks = model_and_masks(state)
         for name, m in masks.items():
-            assert torch.count_nonzero(state["model"][name][~m]) == 0, name
+            assert torch.count_nonzero(model[name][~m]) == 0, name
+    else:
+        masks = main["rigl_ds"]["sparsifier"]["masks"]
+        active = sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
+        assert result["global_density"] == active and f"achieved density: {active:.6f}" in out
 
 
 def test_deepspeed_json_that_disagrees_with_the_yaml_is_refused(tmp_path):
@@ -104,41 +138,6 @@ def test_deepspeed_json_that_disagrees_with_the_yaml_is_refused(tmp_path):
 FSDP2_CFG = str(ROOT / "configs" / "quickstart_fsdp2.yaml")
 
 
-def dcp_state(run: pathlib.Path, step: int) -> dict:
-    """A DCP checkpoint folder read whole (any world size wrote it) + its rigl_ds.pt."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    from rigl_ds.checkpoint import load, verify_folder
-
-    tag = run / "checkpoints" / f"step_{step:08d}"
-    verify_folder(tag)
-    out = run / f"dcp_{step}.pt"
-    dcp_to_torch_save(tag, out)
-    tensors = torch.load(out, weights_only=False)
-    out.unlink()
-    return dict(tensors, rigl_ds=load(tag / "rigl_ds.pt"))
-
-
-def assert_same_dcp(a: dict, b: dict) -> None:
-    assert set(a["masks"]) == set(b["masks"]) and a["masks"]
-    for k, m in a["masks"].items():
-        assert m.dtype == torch.bool and torch.equal(m, b["masks"][k]), k
-    for k, v in a["model"].items():
-        assert torch.equal(v, b["model"][k]), k
-    assert set(a.get("score", {})) == set(b.get("score", {}))
-    for k, v in a.get("score", {}).items():
-        assert torch.equal(v, b["score"][k]), k
-    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
-    assert set(sa) == set(sb) and sa
-    for p, st in sa.items():
-        for key, v in st.items():
-            assert torch.equal(v, sb[p][key]), (p, key)
-    ra, rb = a["rigl_ds"]["sparsifier"], b["rigl_ds"]["sparsifier"]
-    for key in ("step", "pending", "last_update", "score_count"):
-        assert ra[key] == rb[key], key
-    assert torch.equal(ra["generator"], rb["generator"])
-
-
 def test_fsdp2_two_nodes_sharded_checkpoints_resume_at_another_world_size_and_exactly(tmp_path):
     # grad_accumulation_n=2: the checkpoint of step 60 holds half of the grow score of the update at t=60
     args = [*SHORT, "sparsity.grad_accumulation_n=2"]
@@ -149,31 +148,33 @@ def test_fsdp2_two_nodes_sharded_checkpoints_resume_at_another_world_size_and_ex
                     background=True) for r in (0, 1)]
     outs = [p.finish() for p in nodes]
     assert all(p.returncode == 0 for p in outs), outs[0].stdout[-3000:] + outs[1].stdout[-3000:]
-    assert "test accuracy: top-1" in outs[0].stdout and "achieved density: 0.1000" in outs[0].stdout
+    assert "test accuracy: top-1" in outs[0].stdout
+    reported_density(outs[0].stdout, straight, 88)
     launch("fsdp2.sh", FSDP2_CFG, *args, f"logging.run_dir={split}", "train.max_steps=60")
-    two = dcp_state(split, 60)
+    two = checkpoint(split, 60)
     assert two["rigl_ds"]["sparsifier"]["last_update"]["step"] == 50
     assert two["rigl_ds"]["sparsifier"]["score_count"] == 1 and set(two["score"]) == set(two["masks"])
     for name, m in two["masks"].items():                           # whole masks assembled from 2 shards
         assert torch.count_nonzero(two["model"][name][~m]) == 0, name
         assert torch.count_nonzero(two["optimizer"]["state"][name]["momentum_buffer"][~m]) == 0, name
     # 2 -> 1: one process loads the 2-rank shards and (already at its last step) saves them again
-    launch("fsdp2.sh", FSDP2_CFG, *args, f"logging.run_dir={split}", "train.max_steps=60", "resume=auto",
-           env={"NPROC_PER_NODE": "1"})
-    one = dcp_state(split, 60)
-    assert len(list((split / "checkpoints" / "step_00000060").glob("*.distcp"))) == 1
-    assert_same_dcp(two, one)
+    one_dir = tmp_path / "one"
+    launch("fsdp2.sh", FSDP2_CFG, *args, f"logging.run_dir={one_dir}", "train.max_steps=60",
+           f"resume={split / 'checkpoints' / 'step_00000060'}", env={"NPROC_PER_NODE": "1"})
+    one = checkpoint(one_dir, 60)
+    assert len(list((one_dir / "checkpoints" / "step_00000060").glob("*.distcp"))) == 1
+    assert_same(two, one)
     # 1 -> 2, then on to the end: bit-identical to the run that never stopped
-    launch("fsdp2.sh", FSDP2_CFG, *args, f"logging.run_dir={split}", "resume=auto")
-    assert_same_dcp(dcp_state(straight, 88), dcp_state(split, 88))
+    launch("fsdp2.sh", FSDP2_CFG, *args, f"logging.run_dir={one_dir}", "resume=auto")
+    assert_same_run(straight, one_dir, 88, tensorboard=False)
 
 
 def test_fsdp2_bf16_autocast(tmp_path):
     run = tmp_path / "run"
     out = launch("fsdp2.sh", FSDP2_CFG, *SHORT, f"logging.run_dir={run}", "precision.dtype=bf16",
                  "train.max_steps=25").stdout
-    assert "achieved density: 0.1000" in out
-    state = dcp_state(run, 25)
+    reported_density(out, run, 25)
+    state = checkpoint(run, 25)
     assert state["rigl_ds"]["sparsifier"]["last_update"]["step"] == 20
     for name, m in state["masks"].items():
         assert state["model"][name].dtype == torch.float32                     # fp32 shards under autocast

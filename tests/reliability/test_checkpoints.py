@@ -12,6 +12,7 @@ from rigl_ds import checkpoint as ckpt
 from rigl_ds.checkpoint import CheckpointError
 from rigl_ds.config import load_config
 from rigl_ds.train import RunError, train
+from tests.compare import assert_same_run
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 # 44 steps (one epoch of digits), updates at t = 10, 20, 30, checkpoints every 10 steps and at 44
@@ -28,15 +29,7 @@ def names(run_dir) -> list[str]:
 
 
 def assert_same_final(a, b, step=44):
-    sa, sb = ckpt.load(a / "checkpoints" / f"step_{step:08d}.pt"), ckpt.load(b / "checkpoints" / f"step_{step:08d}.pt")
-    for k, v in sa["model"].items():
-        assert torch.equal(v, sb["model"][k]), k
-    for k, m in sa["sparsifier"]["masks"].items():
-        assert torch.equal(m, sb["sparsifier"]["masks"][k]), k
-    for i, st in sa["optimizer"]["state"].items():
-        for key, v in st.items():
-            assert torch.equal(v, sb["optimizer"]["state"][i][key]), (i, key)
-    assert sa["lr_scheduler"] == sb["lr_scheduler"]
+    assert_same_run(a, b, step, tensorboard=False)
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,11 @@ def test_readme_plugin_snippet_runs_and_trains_sparse():
     for name, mask in rigl.masks.items():
         assert int(mask.sum()) == rigl.nnz[name]
         assert torch.count_nonzero(params[name][~mask]) == 0
-    assert abs(rigl.global_density - 0.1) < 1e-3
+    masked = [params[n] for n in rigl.masks]
+    active = sum(int(m.sum()) for m in rigl.masks.values()) / sum(p.numel() for p in masked)
+    assert abs(active - 0.1) < 1e-3                                   # counted here, from the masks
+    assert rigl.measure().mask_density == active
+    assert rigl.measure().nonzero_density == sum(int(p.count_nonzero()) for p in masked) / sum(p.numel() for p in masked)
     assert rigl.last_update is not None           # masks were updated during the run
     with torch.no_grad():
         pred = model(torch.tensor(X, dtype=torch.float32) / 16).argmax(1)

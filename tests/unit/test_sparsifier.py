@@ -331,7 +331,7 @@ def test_load_state_dict_refuses_another_model_or_sparsity():
 def test_bad_config_values_are_named():
     with pytest.raises(ValueError, match="sparsity must be .* got 1.0"):
         RigL(make(), None, total_steps=10, sparsity=1.0)
-    with pytest.raises(ValueError, match="distribution must be one of uniform, er, erk, got 'gauss'"):
+    with pytest.raises(ValueError, match="distribution must be one of uniform, uniform_nv, er, erk, got 'gauss'"):
         RigL(make(), None, total_steps=10, distribution="gauss")
     with pytest.raises(ValueError, match="delta"):
         RigL(make(), None, total_steps=10, delta=0)
@@ -378,3 +378,24 @@ def test_channels_last_weights_update_like_contiguous_ones(opt_name):
         assert all(torch.equal(a[n], b[n]) for n in a)
     for n in wa:
         torch.testing.assert_close(wa[n], wb[n], rtol=1e-9, atol=1e-12)
+
+
+def test_measure_counts_the_live_masks_and_weights_not_the_plan():
+    model = make()
+    rigl = RigL(model, None, total_steps=100, sparsity=0.9)
+    numel = sum(m.numel() for m in rigl.masks.values())
+    planned = rigl.planned_density
+    m = rigl.measure()
+    assert m.mask_density == sum(int(x.sum()) for x in rigl.masks.values()) / numel == planned
+    assert m.nonzero_density == m.mask_density          # fresh init: every active weight is nonzero
+    params = dict(model.named_parameters())
+    mask = rigl.masks["conv2.weight"].view(-1)
+    on = mask.nonzero().view(-1)
+    mask[on[0]] = False                                  # one entry deactivated behind the sparsifier's back
+    with torch.no_grad():
+        params["conv2.weight"].view(-1)[on[1:3]] = 0.0    # two active weights trained to exactly 0
+    m = rigl.measure()
+    assert m.mask_density == (round(planned * numel) - 1) / numel
+    assert m.layers["conv2.weight"][0] == rigl.nnz["conv2.weight"] - 1
+    assert m.layers["conv2.weight"][1] == rigl.nnz["conv2.weight"] - 2     # the deactivated one is still nonzero
+    assert rigl.planned_density == planned
