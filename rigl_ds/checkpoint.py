@@ -6,6 +6,14 @@ without that file (killed between the two renames), with another size or another
 corrupted) is refused by :func:`load` with a message naming the file; ``resume=auto`` then falls
 back to the newest good one. Rotation deletes old checkpoints only after the new one has been
 read back and verified, so the only good checkpoint is never deleted.
+
+Loading never runs code from the file. A checksum proves a file is the one written, not that its
+writer was benign, so every pickle is restricted to tensors, plain data and a short list of named
+classes: rigl_ds files load with ``torch.load(weights_only=True)``; DeepSpeed's files (which
+DeepSpeed itself loads with ``weights_only=False``) and DCP's metadata (plain ``pickle``) are first
+scanned for the globals their pickles name, and any global outside :data:`DEEPSPEED_GLOBALS` /
+:data:`DCP_GLOBALS` refuses the whole checkpoint; DCP's non-tensor items load with
+``weights_only=True`` (:class:`SafeLoadPlanner`).
 """
 from __future__ import annotations
 
@@ -14,9 +22,10 @@ import io
 import logging
 import os
 import pathlib
+import pickle
 import random
 import re
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -140,13 +149,27 @@ def list_checkpoints(ckpt_dir: pathlib.Path) -> list[pathlib.Path]:
     return [p for _, p in sorted(found)]
 
 
+_REFUSED = ("refused: loading it could run code. rigl_ds checkpoints hold tensors and plain data only (see "
+            "README, 'What a checkpoint may contain')")
+
+
+def _weights_only_reason(e: Exception) -> str:
+    """What ``torch.load(weights_only=True)`` refused, in one line (e.g. "GLOBAL builtins.exec")."""
+    m = re.search(r"Unsupported (?:global|operand)[^:]*:\s*([^\n]+?)\s*(?:was not an allowed|$)", str(e), re.M)
+    return m.group(1).strip() if m else str(e).strip().splitlines()[-1]
+
+
 def load(path: pathlib.Path) -> dict[str, Any]:
-    """Verify and load a checkpoint, or raise :class:`CheckpointError` naming the file."""
+    """Verify and load a checkpoint (tensors and plain data only), or raise :class:`CheckpointError`
+    naming the file."""
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
     data = verify(path)
     try:
-        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:   # weights_only met a global outside tensors and plain data
+        raise CheckpointError(f"checkpoint {path} holds an object other than tensors and plain data "
+                              f"({_weights_only_reason(e)}); {_REFUSED}") from None
     except Exception as e:  # a file that matches its checksum but is not a torch checkpoint
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})") from None
     if not isinstance(obj, dict) or "step" not in obj or "model" not in obj:
@@ -232,3 +255,108 @@ def verify_folder(folder: pathlib.Path) -> None:
                                   f"({p.stat().st_size} bytes, the manifest records {want['size']})")
         if _sha256_file(p) != want["sha256"]:
             raise CheckpointError(f"checkpoint {folder}: {rel} is corrupted (SHA-256 differs from the manifest)")
+
+
+# --------------------------------------------------------------------------- other libraries' pickles
+
+#: Classes a DeepSpeed ZeRO 0-3 checkpoint names besides tensors and plain data (seen in fp32, bf16
+#: and fp16 optimizer states); DeepSpeed loads its files with ``weights_only=False``, so each file is
+#: scanned for the globals its pickle names first.
+DEEPSPEED_GLOBALS = frozenset({
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+})
+
+
+def check_deepspeed_folder(folder: pathlib.Path) -> None:
+    """Refuse a DeepSpeed checkpoint folder any of whose pickles names a global outside tensors,
+    plain data and :data:`DEEPSPEED_GLOBALS` (before DeepSpeed unpickles them)."""
+    from torch.serialization import get_unsafe_globals_in_checkpoint
+
+    for f in sorted(folder.glob("*.pt")):
+        try:
+            found = set(get_unsafe_globals_in_checkpoint(f))
+        except Exception as e:
+            raise CheckpointError(f"checkpoint {folder}: {f.name} cannot be read ({type(e).__name__}: {e})") from None
+        bad = sorted(found - DEEPSPEED_GLOBALS)
+        if bad:
+            raise CheckpointError(f"checkpoint {folder}: {f.name} names {', '.join(bad)}; {_REFUSED}")
+
+
+#: What the pickled metadata of a torch.distributed.checkpoint (DCP) folder may name: DCP's own
+#: metadata classes, torch dtypes, ``torch.Size``, the layout decoder and file paths.
+DCP_GLOBALS = frozenset({
+    ("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"),
+    ("collections", "OrderedDict"), ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+})
+_DCP_METADATA_MODULE = "torch.distributed.checkpoint.metadata"
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in DCP_GLOBALS or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        if module == _DCP_METADATA_MODULE:
+            import torch.distributed.checkpoint.metadata as md
+
+            if isinstance(getattr(md, name, None), (type, dict)):
+                return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed")
+
+
+def check_dcp_folder(folder: pathlib.Path) -> None:
+    """Refuse a DCP folder whose ``.metadata`` pickle names anything outside :data:`DCP_GLOBALS`
+    (``dcp.load`` reads it with plain ``pickle``); load it with :class:`SafeLoadPlanner`."""
+    meta = folder / ".metadata"
+    try:
+        with open(meta, "rb") as f:
+            _RestrictedUnpickler(f).load()
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {folder} has no .metadata (not a DCP checkpoint)") from None
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"checkpoint {folder}: .metadata: {e}; {_REFUSED}") from None
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {folder}: .metadata cannot be read ({type(e).__name__}: {e})") from None
+
+
+def load_dcp(state: dict[str, Any], folder: pathlib.Path) -> None:
+    """``dcp.load(state, folder)`` in place, after :func:`check_dcp_folder`, with
+    :class:`SafeLoadPlanner`; a refused item is a :class:`CheckpointError` naming the folder."""
+    import torch.distributed.checkpoint as dcp
+
+    check_dcp_folder(folder)
+    try:
+        dcp.load(state, checkpoint_id=str(folder), planner=safe_load_planner())
+    except CheckpointError as e:
+        raise CheckpointError(f"checkpoint {folder}: {e}") from None
+    except BaseException as e:          # DCP gathers the ranks' failures into one CheckpointException
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        if _REFUSED in str(e):
+            item = next(line for line in str(e).splitlines() if _REFUSED in line)
+            raise CheckpointError(f"checkpoint {folder}: {item.split('CheckpointError: ', 1)[-1].strip()}") from None
+        if isinstance(e, CheckpointException):
+            raise CheckpointError(f"checkpoint {folder} does not fit this model/optimizer (another model?): "
+                                  f"{str(e).strip().splitlines()[-1]}") from None
+        raise
+
+
+def safe_load_planner():
+    """A DCP load planner whose non-tensor items load with ``weights_only=True`` (DCP's default
+    planner unpickles them with ``weights_only=False``)."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    class SafeLoadPlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value: BinaryIO) -> None:
+            try:
+                torch.load(value, weights_only=True)
+            except pickle.UnpicklingError as e:
+                raise CheckpointError(f"DCP item {read_item.dest_index.fqn!r} holds an object other than tensors "
+                                      f"and plain data ({_weights_only_reason(e)}); {_REFUSED}") from None
+            value.seek(0)
+            super().load_bytes(read_item, value)
+
+    return SafeLoadPlanner()

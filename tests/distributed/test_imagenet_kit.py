@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from tests.distributed.test_launchers import ROOT, ds_state, launch
+from tests.compare import checkpoint, counted_density, model_and_masks
+from tests.distributed.test_launchers import ROOT, launch
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -22,12 +23,15 @@ def check(run, eval_count):
     result = json.loads((run / "result.json").read_text())
     assert result["steps"] == 4 and result["engine"] == "deepspeed" and result["world_size"] == 2
     assert result["eval"]["count"] == eval_count
-    assert abs(result["global_density"] - 0.1) < 1e-3
-    state = ds_state(run, 4)
-    assert state["sparsifier"]["last_update"]["step"] == 2          # one mask update at step 2
-    masks = state["sparsifier"]["masks"]
+    state = checkpoint(run, 4)
+    active, nonzero = counted_density(state)
+    assert abs(active - 0.1) < 1e-3
+    assert (result["global_density"], result["nonzero_density"]) == pytest.approx((active, nonzero), abs=1e-9)
+    main = next(v for k, v in state.items() if k.endswith("mp_rank_00_model_states.pt"))
+    assert main["rigl_ds"]["sparsifier"]["last_update"]["step"] == 2   # one mask update at step 2
+    model, masks = model_and_masks(state)
     for name, m in masks.items():
-        assert int((state["model"][name].float() * (~m)).count_nonzero()) == 0, name
+        assert int((model[name].float() * (~m)).count_nonzero()) == 0, name
 
 
 def test_imagenet_yaml_with_dali_cpu_under_deepspeed(tmp_path):
@@ -56,8 +60,6 @@ def test_imagenet_yaml_under_fsdp2_with_uneven_validation_shards(tmp_path):
     """The same YAML sharded by FSDP2 (one unit per Bottleneck), bf16 under autocast as shipped. 9
     validation images in batches of 4: one rank has 2 batches, the other 1, and evaluation forwards
     are collectives under FSDP2 (the rank out of batches runs an empty one)."""
-    from tests.distributed.test_launchers import dcp_state
-
     run = tmp_path / "run"
     small = [a for a in SMALL if not a.startswith(("precision.", "data.eval_batch_size"))]
     launch("fsdp2.sh", YAML, *small, "data.eval_batch_size=4", "data.backend=synthetic", "data.train_size=64",
@@ -65,8 +67,10 @@ def test_imagenet_yaml_under_fsdp2_with_uneven_validation_shards(tmp_path):
     result = json.loads((run / "result.json").read_text())
     assert result["steps"] == 4 and result["engine"] == "fsdp2" and result["world_size"] == 2
     assert result["eval"]["count"] == 9
-    assert abs(result["global_density"] - 0.1) < 1e-3
-    state = dcp_state(run, 4)
+    state = checkpoint(run, 4)
+    active, nonzero = counted_density(state)
+    assert abs(active - 0.1) < 1e-3
+    assert (result["global_density"], result["nonzero_density"]) == pytest.approx((active, nonzero), abs=1e-9)
     assert state["rigl_ds"]["sparsifier"]["last_update"]["step"] == 2
     assert len(state["masks"]) == 54                                 # every conv and the fc of ResNet-50
     for name, m in state["masks"].items():

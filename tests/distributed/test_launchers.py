@@ -122,6 +122,23 @@ def test_deepspeed_launcher_each_zero_stage(tmp_path, stage):
         masks = main["rigl_ds"]["sparsifier"]["masks"]
         active = sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
         assert result["global_density"] == active and f"achieved density: {active:.6f}" in out
+    if stage == 1:      # a payload in an optimizer shard, manifest rewritten to match: refused before DeepSpeed loads it
+        import shutil
+
+        from rigl_ds.checkpoint import write_manifest
+        from tests.reliability.test_safe_loading import Payload
+
+        bad = tmp_path / "bad" / "step_00000025"
+        shutil.copytree(run / "checkpoints" / "step_00000025", bad)
+        (bad / "complete").unlink()
+        shard = bad / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+        torch.save(dict(torch.load(shard, weights_only=False), extra=Payload(tmp_path / "pwned")), shard)
+        write_manifest(bad)
+        p = launch("deepspeed.sh", CFG, ds, *SHORT, f"logging.run_dir={tmp_path / 'again'}", f"resume={bad}",
+                   check=False)
+        assert p.returncode != 0 and "zero_pp_rank_1_mp_rank_00_optim_states.pt names builtins.exec; refused" \
+            in p.stdout + p.stderr, (p.stdout + p.stderr)[-3000:]
+        assert not (tmp_path / "pwned").exists()
 
 
 def test_deepspeed_json_that_disagrees_with_the_yaml_is_refused(tmp_path):
@@ -179,3 +196,17 @@ def test_fsdp2_bf16_autocast(tmp_path):
     for name, m in state["masks"].items():
         assert state["model"][name].dtype == torch.float32                     # fp32 shards under autocast
         assert torch.count_nonzero(state["model"][name][~m]) == 0, name
+
+
+def test_deepspeed_bf16_json_as_shipped_trains_a_batchnorm_model(tmp_path):
+    """ds_configs/*_bf16.json keep BatchNorm's running statistics in the parameters' dtype
+    (data_types.buffer_dtype): DeepSpeed >= 0.18 otherwise leaves them fp32 beside bf16 weights, and
+    BatchNorm refuses the mix (the ImageNet kit's ResNet-50 under zero1_bf16 stopped at its first step)."""
+    run = tmp_path / "run"
+    out = launch("deepspeed.sh", CFG, str(ROOT / "ds_configs" / "zero1_bf16.json"), *SHORT, "precision.dtype=bf16",
+                 f"logging.run_dir={run}", "train.max_steps=12").stdout
+    reported_density(out, run, 12)
+    model, masks = model_and_masks(checkpoint(run, 12))
+    assert {model[n].dtype for n in masks} == {torch.bfloat16}
+    for name, m in masks.items():
+        assert torch.count_nonzero(model[name][~m]) == 0, name

@@ -145,3 +145,28 @@ def test_resnet50_synthetic_smoke(tmp_path):
     assert state["sparsifier"]["last_update"]["step"] == 5
     for name, m in masks.items():
         assert torch.count_nonzero(state["model"][name][~m]) == 0, name
+
+
+def test_resumed_run_adds_to_its_time_and_a_finished_run_is_left_as_it_is(tmp_path, monkeypatch, capsys):
+    import itertools
+    import types
+
+    import rigl_ds.train
+
+    run = tmp_path / "run"
+    args = ["train", QUICK, *SHORT, f"logging.run_dir={run}", "train.eval_every_epochs=10"]
+    clock = itertools.count(0.0, 100.0)            # the first session's clock runs 100 s a reading
+    monkeypatch.setattr(rigl_ds.train, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    assert main([*args, "train.max_steps=3"]) == 0
+    first = json.loads((run / "result.json").read_text())
+    assert first["steps"] == 3 and first["seconds"] >= 100 and first["train_step_seconds"] >= 300
+    monkeypatch.undo()                             # the second session runs on the real clock
+    assert main([*args, "train.max_steps=6", "resume=auto"]) == 0
+    second = json.loads((run / "result.json").read_text())
+    assert second["steps"] == 6
+    assert second["seconds"] > first["seconds"] and second["train_step_seconds"] > first["train_step_seconds"]
+    text = (run / "result.json").read_bytes()
+    capsys.readouterr()
+    assert main([*args, "train.max_steps=6", "resume=auto"]) == 0
+    assert "already finished at step 6" in capsys.readouterr().err
+    assert (run / "result.json").read_bytes() == text
