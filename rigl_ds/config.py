@@ -346,9 +346,6 @@ def semantic_problems(cfg: ExperimentConfig, source: str) -> list[str]:
     if cfg.engine.name == "deepspeed" and not cfg.engine.deepspeed_config:
         out.append(f"{source}: engine.deepspeed_config: required for engine.name='deepspeed' "
                    "(e.g. ds_configs/zero2_fp32.json)")
-    if cfg.engine.name == "deepspeed" and cfg.train.clip_grad_norm:
-        out.append(f"{source}: train.clip_grad_norm: not used with DeepSpeed; set 'gradient_clipping' "
-                   "in the DeepSpeed JSON instead")
     if cfg.engine.name == "fsdp2" and cfg.precision.dtype == "fp16":
         out.append(f"{source}: precision.dtype: 'fp16' is not supported with engine.name='fsdp2' (its loss "
                    "scaler is not shard-aware here); use 'bf16' or 'fp32'")

@@ -234,9 +234,13 @@ class Trainer:
 
     # -------------------------------------------------------------- setup
     def _flops(self) -> dict[str, float]:
-        x = torch.zeros((1, *self.exp.info.input_shape), device=self.device)
+        """Counted on the model rebuilt on the meta device (no memory, no compute), not on the engine's
+        copy: DeepSpeed's bf16/fp16 engines, ZeRO-3 and FSDP2 hold it in forms a plain forward refuses."""
+        with torch.device("meta"):
+            model = build_model(self.cfg.model, self.exp.info.num_classes, self.exp.info.input_shape)
+        x = torch.zeros((1, *self.exp.info.input_shape), device="meta")
         dens = self.sparsifier.layer_densities() if self.sparsifier else {}
-        f = forward_flops(self.model, x, dens)
+        f = forward_flops(model, x, dens)
         return {"dense": f.dense, "sparse": f.sparse}
 
     def _prepare_run_dir(self) -> None:
@@ -384,11 +388,13 @@ class Trainer:
             correct1 += a1
             correct5 += a5
             n += y.numel()
-        rt.before_sparsifier(self.cfg.train.clip_grad_norm)
+        rt.before_sparsifier()
         dense_step = self.sparsifier is not None and self.sparsifier.is_update_step() and \
             self.sparsifier.needs_dense_grad
         finite = rt.grads_finite()
         apply = self.sparsifier.step() if self.sparsifier is not None else True
+        if apply and finite:
+            rt.clip_grads(self.cfg.train.clip_grad_norm)     # the norm of what the optimizer applies
         if not finite:       # as GradScaler does: no optimizer step from inf/NaN gradients
             self.nonfinite_steps += 1
             logger.warning("step %d: non-finite gradients: optimizer step skipped, BatchNorm statistics "

@@ -68,12 +68,17 @@ class LocalRuntime:
         scaled = loss / accum
         (self.scaler.scale(scaled) if self.scaler else scaled).backward()
 
-    def before_sparsifier(self, clip: float | None) -> None:
-        """Unscale (AMP) and clip the full gradients before the sparsifier reads them."""
+    def before_sparsifier(self) -> None:
+        """Unscale (AMP) the gradients before the sparsifier reads them."""
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        if clip:
-            nn.utils.clip_grad_norm_(self.module.parameters(), clip)
+
+    def clip_grads(self, max_norm: float | None) -> None:
+        """``train.clip_grad_norm``, after the sparsifier masked the gradients: the norm is that of
+        the update the optimizer applies (inactive entries are zero and count for nothing), on every
+        engine. FSDP2's DTensor gradients give the norm over all shards."""
+        if max_norm:
+            nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)
 
     def _nonfinite(self, local=lambda g: g) -> torch.Tensor:
         """A 0-d bool tensor: is any of this rank's gradients (``local`` of each) not finite? One
@@ -266,8 +271,12 @@ class DeepSpeedRuntime(DistributedRuntime):
     def micro_step(self) -> None:
         self.ds.step()                       # not a boundary: no optimizer update
 
-    def before_sparsifier(self, clip: float | None) -> None:
-        pass                                 # clipping is DeepSpeed's "gradient_clipping"
+    def before_sparsifier(self) -> None:
+        pass                                 # DeepSpeed unscales inside engine.step()
+
+    def clip_grads(self, max_norm: float | None) -> None:
+        pass     # DeepSpeed's "gradient_clipping" (set from train.clip_grad_norm), inside engine.step(),
+        # over the gradients the sparsifier already masked: the same rule as the other engines
 
     def step(self, apply: bool) -> None:
         if self._adapter is not None:
@@ -296,6 +305,7 @@ class DeepSpeedRuntime(DistributedRuntime):
         if not path.is_dir():
             raise ckpt.CheckpointError(f"checkpoint {path} does not exist (DeepSpeed checkpoints are folders)")
         ckpt.verify_folder(path)
+        ckpt.check_deepspeed_folder(path)
         try:
             _, client = self.ds.load_checkpoint(str(path.parent), tag=path.name)
         except (RuntimeError, ValueError, KeyError) as e:
@@ -442,7 +452,6 @@ class FSDP2Runtime(DistributedRuntime):
         return tag
 
     def load(self, path: pathlib.Path) -> dict[str, Any]:
-        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
         if not path.is_dir():
@@ -463,17 +472,21 @@ class FSDP2Runtime(DistributedRuntime):
             template["sparsifier"] = sp
         sharded = self._sharded(template)
         try:
-            dcp.load(sharded, checkpoint_id=str(path))
+            ckpt.load_dcp(sharded, path)
             set_model_state_dict(self.module, sharded["model"])
             set_optimizer_state_dict(self.module, self.optimizer, sharded["optimizer"])
+        except ckpt.CheckpointError:
+            raise
         except (RuntimeError, ValueError, KeyError) as e:
             raise ckpt.CheckpointError(f"checkpoint {path} does not fit this model/optimizer (another model?): "
                                        f"{str(e).splitlines()[0]}") from None
         return template
 
 
-def deepspeed_config(path: str, *, micro_batch: int, grad_accumulation: int, world: int, dtype: str) -> dict:
-    """Load a DeepSpeed JSON and fill in (or check) its batch sizes and precision from the YAML."""
+def deepspeed_config(path: str, *, micro_batch: int, grad_accumulation: int, world: int, dtype: str,
+                     clip_grad_norm: float | None = None) -> dict:
+    """Load a DeepSpeed JSON and fill in (or check) its batch sizes, precision and gradient clipping
+    from the YAML (the YAML decides; a JSON value that differs is refused, 0 or "auto" defer)."""
     p = pathlib.Path(path)
     try:
         cfg = json.loads(p.read_text())
@@ -486,6 +499,12 @@ def deepspeed_config(path: str, *, micro_batch: int, grad_accumulation: int, wor
     problems = [f"{p}: {k}={cfg[k]} but the YAML gives {v} (data.batch_size={micro_batch}, "
                 f"train.grad_accumulation={grad_accumulation}, world size {world})"
                 for k, v in want.items() if k in cfg and cfg[k] not in (v, "auto")]
+    clip = float(clip_grad_norm or 0.0)
+    given = cfg.get("gradient_clipping", 0.0)
+    if given not in (0, 0.0, "auto", None, clip):
+        problems.append(f"{p}: gradient_clipping={given} but train.clip_grad_norm={clip_grad_norm} (set it "
+                        "in the YAML, which fills the JSON, and leave the JSON's at 0.0)")
+    want["gradient_clipping"] = clip
     for key, on in (("bf16", dtype == "bf16"), ("fp16", dtype == "fp16")):
         enabled = bool(cfg.get(key, {}).get("enabled", False))
         if key in cfg and enabled != on:
@@ -535,6 +554,6 @@ def build_runtime(cfg, model: nn.Module, optimizer_fn: Callable[[nn.Module], tor
 
     ds_cfg = deepspeed_config(cfg.engine.deepspeed_config, micro_batch=cfg.data.batch_size,
                               grad_accumulation=cfg.train.grad_accumulation, world=dist.get_world_size(),
-                              dtype=cfg.precision.dtype)
+                              dtype=cfg.precision.dtype, clip_grad_norm=cfg.train.clip_grad_norm)
     return DeepSpeedRuntime(model, optimizer_fn(model), ds_cfg, mask_sync=cfg.engine.mask_sync)
 

@@ -162,6 +162,16 @@ def test_deepspeed_json_disagreeing_with_the_yaml(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(EngineError, match=f"{bad} is not valid JSON"):
         deepspeed_config(str(bad), micro_batch=32, grad_accumulation=1, world=2, dtype="fp32")
+    # gradient clipping: the YAML's train.clip_grad_norm fills the JSON; a JSON value that differs is refused
+    shipped = pathlib.Path(__file__).parents[2] / "ds_configs" / "zero2_fp32.json"
+    for clip, want in ((None, 0.0), (1.5, 1.5)):
+        got = deepspeed_config(str(shipped), micro_batch=32, grad_accumulation=1, world=2, dtype="fp32",
+                               clip_grad_norm=clip)
+        assert got["gradient_clipping"] == want
+    bad.write_text(json.dumps({"gradient_clipping": 1.0}))
+    with pytest.raises(EngineError) as e:
+        deepspeed_config(str(bad), micro_batch=32, grad_accumulation=1, world=2, dtype="fp32", clip_grad_norm=2.0)
+    assert f"{bad}: gradient_clipping=1.0 but train.clip_grad_norm=2.0" in str(e.value)
 
 
 @pytest.mark.parametrize("backend", ["torchvision", "dali-cpu"])

@@ -25,8 +25,8 @@ def record(t: Trainer, poison_grads: dict[int, float] = {}, poison_input: set[in
     log = {}
     real_before, real_step = t.rt.before_sparsifier, t.train_step
 
-    def before_sparsifier(clip):
-        real_before(clip)
+    def before_sparsifier():
+        real_before()
         if t.step in poison_grads:
             g = t.model.features[3].weight.grad
             g.view(-1)[7] = poison_grads[t.step]
