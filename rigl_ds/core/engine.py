@@ -37,6 +37,10 @@ class Engine(Protocol):
         """This rank's part of a tensor of the layer's full shape (a new tensor): what the
         sparsifier keeps as the layer's mask. The whole tensor unless masks are sharded."""
 
+    def whole(self, name: str, part: Tensor) -> Tensor:
+        """The inverse of :meth:`shard`: the whole layer from every rank's part (a collective on
+        sharded engines, so every rank calls it; ``part`` itself where masks are whole)."""
+
     def select(self, masks: Mapping[str, Tensor], k: Mapping[str, int], grow_score: Callable[[str], Tensor]
                ) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
         """For each layer named in ``k``: drop its ``k`` active positions of smallest |weight|, grow
@@ -84,6 +88,9 @@ class WholeMasks:
 
     def shard(self, name: str, full: Tensor) -> Tensor:
         return full
+
+    def whole(self, name: str, part: Tensor) -> Tensor:
+        return part
 
     def select(self, masks: Mapping[str, Tensor], k: Mapping[str, int], grow_score: Callable[[str], Tensor]
                ) -> dict[str, tuple[Tensor, Tensor, Tensor]]:

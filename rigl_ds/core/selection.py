@@ -45,14 +45,23 @@ def drop_and_grow(mask: Tensor, drop_score: Tensor, grow_score: Tensor, k: int) 
     return new.view(mask.shape)
 
 
-def random_mask(numel: int, nnz: int, generator: torch.Generator) -> Tensor:
-    """A flat CPU bool mask with exactly ``nnz`` ones at uniformly random positions."""
+def random_mask(numel: int, nnz: int, generator: torch.Generator, prefer: Tensor | None = None) -> Tensor:
+    """A flat CPU bool mask with exactly ``nnz`` ones at uniformly random positions.
+
+    With ``prefer`` (a bool tensor of ``numel`` entries, e.g. ``weight != 0``), preferred positions
+    are kept before any other: the ones go to preferred positions first (a random subset of them
+    if there are more than ``nnz``), the rest at random among the others. The same draw either
+    way, so where every position is preferred the mask is the one drawn without ``prefer``."""
     if not 0 <= nnz <= numel:
         raise ValueError(f"nnz must be in [0, {numel}], got {nnz}")
     mask = torch.ones(numel, dtype=torch.bool)
     zeros = numel - nnz
+    perm = torch.randperm(numel, generator=generator) if zeros else None
     if zeros:
-        mask[torch.randperm(numel, generator=generator)[:zeros]] = False
+        if prefer is not None:
+            keep_first = prefer.reshape(-1).cpu()[perm]
+            perm = torch.cat([perm[~keep_first], perm[keep_first]])     # drop the others first
+        mask[perm[:zeros]] = False
     return mask
 
 

@@ -146,11 +146,21 @@ class Sparsifier:
         self.skipped_nonfinite = 0            # accumulation steps skipped for non-finite gradients
         self.last_update: dict[str, Any] | None = None
 
+        # The initial masks: drawn whole on every rank, kept as the engine keeps weights. A layer whose
+        # weights already hold zeros (a sparse model loaded before the sparsifier was built) keeps its
+        # nonzero weights first, so building the sparsifier after loading loses none of them; a fresh
+        # (all-nonzero) layer gets the plain random mask.
+        nonzero = self.engine.total(torch.stack([torch.count_nonzero(self.engine.weight(layer.name))
+                                                 for layer in self.layers]).to(torch.int64))
         masks: dict[str, Tensor] = {}
-        for layer in self.layers:           # drawn whole on every rank; kept as the engine keeps weights
-            device = self.engine.weight(layer.name).device
-            flat = random_mask(layer.numel, self.nnz[layer.name], self.generator)
-            masks[layer.name] = self.engine.shard(layer.name, flat.view(layer.shape)).to(device)
+        for layer, nz in zip(self.layers, nonzero.tolist()):
+            w, prefer = self.engine.weight(layer.name), None
+            if nz < layer.numel:
+                prefer = self.engine.whole(layer.name, w != 0)
+                logger.info("%s already holds %d zero weights: its %d nonzero weights are kept first in the "
+                            "initial mask of %d active", layer.name, layer.numel - nz, nz, self.nnz[layer.name])
+            flat = random_mask(layer.numel, self.nnz[layer.name], self.generator, prefer)
+            masks[layer.name] = self.engine.shard(layer.name, flat.view(layer.shape)).to(w.device)
         self.engine.sync_masks(masks)
         self.masks = masks
         self.engine.bind(self.layers, self.masks, self.wants_dense_grad)

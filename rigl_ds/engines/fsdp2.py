@@ -100,6 +100,7 @@ class FSDP2Engine(LocalEngine):
 
     # ---------------------------------------------------------------- reads
     def weight(self, name: str) -> Tensor:
+        self._layout(name)                  # checked (and the shards' group and device known) on first read
         return local(self._param(name).detach())
 
     def dense_grad(self, name: str) -> Tensor | None:
@@ -109,6 +110,11 @@ class FSDP2Engine(LocalEngine):
     def shard(self, name: str, full: Tensor) -> Tensor:
         offset, n, shape, _ = self._layout(name)
         return full.reshape(-1)[offset:offset + n].reshape(shape).clone()
+
+    def whole(self, name: str, part: Tensor) -> Tensor:
+        if part.dtype == torch.bool:             # gloo gathers no bool
+            return self._gather(part.to(torch.uint8), name).bool()
+        return self._gather(part, name)
 
     def total(self, t: Tensor) -> Tensor:
         x = t if self._device is None or t.device == self._device else t.to(self._device)   # NCCL: on the GPU

@@ -83,3 +83,37 @@ def test_fsdp2_equals_single_process(world, selection):
     for masks, weights, last in run_ranks(fsdp_worker, selection, world=world):
         assert_equal_run(masks, weights, ref_masks, ref_w)
         assert last == ref_last                    # churn counted over all shards
+
+
+def sparse_then_sharded_worker(rank, world):
+    """A sparse model (Static at seed 5, one process) loaded on every rank, sharded, and only then given
+    a RigL of another seed: the initial mask shards keep the nonzero weights, none is zeroed."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from rigl_ds import Static
+    from rigl_ds.engines.fsdp2 import FSDP2Engine, local, row_slice
+
+    sparse = make_model()
+    Static(sparse, None, total_steps=STEPS, sparsity=0.8, seed=5)
+    trained = {n: p.detach().clone() for n, p in sparse.named_parameters()}
+    model = make_model()
+    model.load_state_dict(sparse.state_dict())
+    mesh = init_device_mesh("cpu", (world,))
+    for m in (model.conv1, model.conv2, model.fc1, model.fc2):
+        fully_shard(m, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    sp = RigL(model, None, total_steps=STEPS, sparsity=0.8, seed=9, engine=FSDP2Engine(model, None))
+    out = {}
+    for n, p in model.named_parameters():
+        start, rows = row_slice(p.shape[0], world, rank)
+        want = trained[n][start:start + rows]
+        out[n] = torch.equal(local(p.detach()), want)
+        if n in sp.masks:
+            out[n] = out[n] and torch.equal(sp.masks[n], want != 0)
+    return out
+
+
+def test_fsdp2_sparsifier_built_after_loading_a_sparse_model_keeps_its_weights():
+    for same in run_ranks(sparse_then_sharded_worker, world=2):
+        assert all(same.values()), same

@@ -38,6 +38,50 @@ def test_initial_masks_exact_counts_seeded_and_weights_zeroed():
     assert not all(torch.equal(r1.masks[n], r3.masks[n]) for n in r1.masks)
 
 
+def test_building_the_sparsifier_after_loading_a_sparse_model_loses_no_weight():
+    """The plugin order mistake: load trained sparse weights, then build RigL, then load its state.
+    The initial mask keeps the nonzero weights first, so nothing is zeroed and the run continues as
+    saved; a fresh (all-nonzero) model still gets the plain seeded random mask."""
+    from rigl_ds.core.selection import random_mask
+
+    model = make()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    rigl = RigL(model, opt, total_steps=40, sparsity=0.8, delta=5, t_end=1.0, seed=3)
+    train_steps(model, opt, rigl, 12)                         # two mask updates: masks far from the seed's draw
+    saved_model = copy.deepcopy(model.state_dict())
+    saved_rigl = copy.deepcopy(rigl.state_dict())
+
+    again = make(seed=1)
+    again.load_state_dict(saved_model)                        # the weights first ...
+    late = RigL(again, None, total_steps=40, sparsity=0.8, delta=5, t_end=1.0, seed=3)   # ... then RigL
+    for k, v in saved_model.items():
+        assert torch.equal(again.state_dict()[k], v), k       # building it zeroed no trained weight
+    late.load_state_dict(saved_rigl)
+    for k, v in saved_model.items():
+        assert torch.equal(again.state_dict()[k], v), k
+    for n in rigl.masks:
+        assert torch.equal(late.masks[n], rigl.masks[n])
+
+    fresh = RigL(make(), None, total_steps=40, sparsity=0.8, seed=3)
+    gen = torch.Generator().manual_seed(3)
+    for layer in fresh.layers:          # the draw of random_mask without a preference, layer by layer
+        assert torch.equal(fresh.masks[layer.name].view(-1), random_mask(layer.numel, fresh.nnz[layer.name], gen))
+
+
+def test_random_mask_prefers_given_positions_first():
+    from rigl_ds.core.selection import random_mask
+
+    prefer = torch.zeros(100, dtype=torch.bool)
+    prefer[torch.tensor([3, 17, 40, 41, 99])] = True
+    m = random_mask(100, 12, torch.Generator().manual_seed(0), prefer)
+    assert int(m.sum()) == 12 and bool(m[prefer].all())      # all 5 preferred kept, 7 more at random
+    m = random_mask(100, 3, torch.Generator().manual_seed(0), prefer)
+    assert int(m.sum()) == 3 and not bool(m[~prefer].any())  # 3 of the 5, nothing else
+    everything = torch.ones(100, dtype=torch.bool)
+    assert torch.equal(random_mask(100, 30, torch.Generator().manual_seed(5), everything),
+                       random_mask(100, 30, torch.Generator().manual_seed(5)))
+
+
 @pytest.mark.parametrize("opt_name", ["sgd", "adam"])
 def test_update_equals_reference_and_resets_state_exactly(opt_name):
     model = make()
