@@ -6,6 +6,7 @@ values; every problem of a file is reported at once (one :class:`ConfigError`).
 from __future__ import annotations
 
 import copy
+import difflib
 import math
 import os
 import pathlib
@@ -294,11 +295,16 @@ def _allowed_keys(loc: tuple) -> list[str]:
 def _format(e: dict, source: str, overridden: dict[str, str]) -> str:
     loc = tuple(e["loc"])
     key = ".".join(str(p) for p in loc)
-    origin = next((item for o, item in overridden.items() if key == o or key.startswith(o + ".")), None)
+    # the override that set this key, one above it (a.b=... sets a.b.c) or one below it (an unknown
+    # section "optimiser" comes from "optimiser.lr=...")
+    origin = next((item for o, item in overridden.items()
+                   if key == o or key.startswith(o + ".") or o.startswith(key + ".")), None)
     where = f"command-line override {origin!r}" if origin else source
     if e["type"] == "extra_forbidden":
         allowed = _allowed_keys(loc)
-        return f"{where}: {key}: unknown key; allowed keys here: {', '.join(allowed)}"
+        near = difflib.get_close_matches(str(loc[-1]), allowed, n=1, cutoff=0.6)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        return f"{where}: {key}: unknown key{hint}; allowed keys here: {', '.join(allowed)}"
     msg = e["msg"].replace("Value error, ", "")
     value = e.get("input")
     shown = "" if isinstance(value, (dict, list)) or value is None and e["type"] == "missing" else f" (got {value!r})"

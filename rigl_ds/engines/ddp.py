@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from rigl_ds import faults
 from rigl_ds.core.layers import MaskedLayer
 
 from .dist_utils import broadcast_masks, check_masks_equal
@@ -125,6 +126,7 @@ class DDPEngine(LocalEngine):
         """From the synchronised masks (a broadcast may have replaced this rank's own result)."""
         self.apply_mask(name, new)
         self.reset_optimizer_state(name, old & new)
+        faults.point("mask_update")
 
     def sync_masks(self, masks: Mapping[str, Tensor]) -> None:
         if self.mask_sync == "broadcast":

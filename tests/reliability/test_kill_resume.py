@@ -169,3 +169,23 @@ def test_fsdp2_two_ranks_killed_mid_update_and_mid_save_then_resumed(tmp_path):
     out = launch("fsdp2.sh", FSDP2_CFG, *args, f"logging.run_dir={d}", "resume=auto")
     assert "at step 3" in out.stdout + out.stderr
     assert_same_run(straight, d, 40)
+
+
+@pytest.mark.distributed
+def test_ddp_rank_killed_mid_update_then_resumed(tmp_path):
+    """DDP under torchrun: rank 1 dies (SIGKILL) inside a mask update, between layers; torchrun takes
+    rank 0 down; resume=auto ends bit-identical to an uninterrupted run."""
+    from tests.distributed.test_launchers import ROOT as R, launch
+
+    cfg = str(R / "configs" / "quickstart_ddp.yaml")
+    args = ["train.epochs=2", "sparsity.delta=10", "logging.log_every=5", "logging.progress=false",
+            "checkpoint.every_steps=10", "checkpoint.keep_last=3", "train.max_steps=40"]
+    straight, d = tmp_path / "straight", tmp_path / "run"
+    launch("torchrun.sh", cfg, *args, f"logging.run_dir={straight}")
+    p = launch("torchrun.sh", cfg, *args, f"logging.run_dir={d}", check=False,
+               env={"RIGL_DS_FAULT": "mask_update:5", "RIGL_DS_FAULT_RANK": "1"})
+    assert p.returncode != 0 and "SIGKILL" in p.stdout + p.stderr, (p.stdout + p.stderr)[-3000:]
+    ck = d / "checkpoints"
+    assert sorted(q.name for q in ck.glob("step_*.pt")) == ["step_00000010.pt", "step_00000020.pt"]
+    launch("torchrun.sh", cfg, *args, f"logging.run_dir={d}", "resume=auto")
+    assert_same_run(straight, d, 40)

@@ -41,7 +41,7 @@ def test_broken_yaml_reports_every_error_with_file_and_key(tmp_path):
         "sparsity.sparsity": "less than 1",
         "sparsity.delta": "greater than or equal to 1",
         "sparsity.method": "'rigl', 'set', 'static' or 'dense'",
-        "sparsity.distributon": "unknown key; allowed keys here: method, sparsity, distribution",
+        "sparsity.distributon": "unknown key (did you mean 'distribution'?); allowed keys here: method, sparsity, distribution",
         "optimizer.lr": "greater than 0",
         "trian": "unknown key",
     }
@@ -50,6 +50,20 @@ def test_broken_yaml_reports_every_error_with_file_and_key(tmp_path):
         line = next(p for p in probs if f": {key}:" in p)
         assert line.startswith(str(bad)) and text in line, line
     assert any(p.startswith("command-line override 'data.batch_size=0': data.batch_size:") for p in probs)
+
+
+def test_an_unknown_section_set_on_the_command_line_blames_the_override_and_suggests_the_key():
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "configs" / "quickstart.yaml", ["optimiser.lr=0.1", "train.epohcs=3"])
+    probs = e.value.problems
+    assert len(probs) == 2
+    assert any(p.startswith("command-line override 'optimiser.lr=0.1': optimiser: unknown key "
+                            "(did you mean 'optimizer'?); allowed keys here: name, model") for p in probs), probs
+    assert any(p.startswith("command-line override 'train.epohcs=3': train.epohcs: unknown key "
+                            "(did you mean 'epochs'?)") for p in probs), probs
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "configs" / "quickstart.yaml", ["zzz=1"])
+    assert "zzz: unknown key; allowed keys here" in e.value.problems[0]          # nothing near: no guess
 
 
 @pytest.mark.parametrize("text,needle", [
