@@ -160,6 +160,15 @@ class TrainSection(_Strict):
     deterministic: bool = False
     eval_every_epochs: float = Field(1.0, gt=0.0)
     clip_grad_norm: Optional[float] = Field(None, gt=0.0)
+    # torch's CPU (intra-op) threads per process: "auto" (see rigl_ds.train.choose_threads) or a count
+    threads: Union[int, str] = "auto"
+
+    @field_validator("threads", mode="before")
+    @classmethod
+    def _threads(cls, v: Any) -> Union[int, str]:
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            return v
+        raise ValueError("allowed: 'auto' or a whole number >= 1")
 
 
 class EngineSection(_Strict):

@@ -183,6 +183,32 @@ def build_experiment(cfg: ExperimentConfig, *, with_data: bool = True, device: t
                       device=device)
 
 
+SMALL_STEP_FLOPS = 2e9     # forward FLOPs of one micro-batch below which one CPU thread is best
+
+
+def choose_threads(setting: str | int, forward_flops: float, device: torch.device) -> tuple[int, str]:
+    """torch's intra-op CPU threads for this process, and why (``train.threads``).
+
+    ``auto``: ``OMP_NUM_THREADS`` when set (launchers set 1); on a GPU torch's default (the CPU only
+    feeds it); on CPU one thread when a micro-batch's forward is small (below
+    :data:`SMALL_STEP_FLOPS`: more threads mostly wait on each other, and on a loaded machine their
+    spin-waits made the quickstart 100x slower), else this process's share of the CPUs it may run
+    on. The choice depends on the config and the machine only, never on the load of the moment, so a
+    resumed run computes with the same threads."""
+    if setting != "auto":
+        return int(setting), "train.threads"
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        return int(os.environ["OMP_NUM_THREADS"]), "train.threads=auto: OMP_NUM_THREADS"
+    if device.type != "cpu":
+        return torch.get_num_threads(), f"train.threads=auto: torch's default on {device.type}"
+    if forward_flops < SMALL_STEP_FLOPS:
+        return 1, (f"train.threads=auto: {forward_flops / 1e9:.2g} GFLOPs forward per micro-batch, below "
+                   f"{SMALL_STEP_FLOPS / 1e9:.0f}")
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, cpus // local), f"train.threads=auto: {cpus} CPUs / {local} local processes"
+
+
 class Trainer:
     """Runs an :class:`Experiment`: the loop, logging, evaluation and checkpoints."""
 
@@ -222,6 +248,10 @@ class Trainer:
         self.mix_rng = np.random.default_rng(cfg.train.seed + 7)             # mixup lambdas
         self.step = 0
         self.flops = self._flops()
+        threads, why = choose_threads(cfg.train.threads, self.flops["dense"] * cfg.data.batch_size, self.device)
+        torch.set_num_threads(threads)
+        if rank == 0:
+            logger.info("torch CPU threads per process: %d (%s)", threads, why)
         self.cum_flops = {"sparse": 0.0, "dense": 0.0}
         self.nonfinite_steps = 0      # optimizer steps skipped for inf/NaN gradients
         self._buffers = list(self.model.buffers())

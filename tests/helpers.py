@@ -83,3 +83,32 @@ class NoBNCNN(nn.Module):
 def make_nobn(seed: int = 0, dtype: torch.dtype = torch.float64) -> NoBNCNN:
     torch.manual_seed(seed)
     return NoBNCNN().to(dtype)
+
+
+POISON = 7.0
+
+
+def poison_inactive(states: dict[str, list[torch.Tensor]], masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Write :data:`POISON` into the optimizer state (tensors of each layer, in place) at every
+    inactive position, just before a mask update; returns the masks as they were. A position the
+    update grows must come out with its state reset to 0 (SPEC: grown positions start fresh)."""
+    for n, ts in states.items():
+        for t in ts:
+            t[~masks[n]] = POISON
+    return {n: m.clone() for n, m in masks.items()}
+
+
+def assert_grown_state_reset(states: dict[str, list[torch.Tensor]], old: dict[str, torch.Tensor],
+                             new: dict[str, torch.Tensor]) -> int:
+    """After the update: the state of every grown position is exactly 0; then the poison left at
+    positions still inactive is cleared (in place: they held 0 before :func:`poison_inactive`), so
+    the run continues as it would have. Returns how many positions were grown."""
+    grown_total = 0
+    for n, ts in states.items():
+        grown = new[n] & ~old[n]
+        grown_total += int(grown.sum())
+        assert ts, n
+        for t in ts:
+            assert torch.count_nonzero(t[grown]) == 0, (n, "state of grown positions not reset")
+            t[~new[n]] = 0
+    return grown_total

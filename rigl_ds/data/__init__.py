@@ -9,8 +9,11 @@ Loaders (``data.backend``) for an image folder: ``torchvision`` (PIL + DataLoade
 threads), or ``synthetic`` (random images of the same shape: no files read). Every backend yields
 ``(images, labels)``: float32 images ``N x C x H x W`` and int64 labels.
 
-Training order is a pure function of (seed, epoch): every rank draws the same permutation and
-takes its own slice, and a run can start at any batch of an epoch (exact resume). The DALI backend
+Training order is a pure function of (seed, epoch): every rank draws the same permutation, and the
+i-th micro-batch of rank r holds examples ``[(i*world + r)*batch, (i*world + r + 1)*batch)`` of it,
+so a step's global batch is the same consecutive run of the permutation whatever the world size
+(2 ranks x 16, or 1 process x 16 x 2 accumulated micro-batches: the same 32 examples), and a run
+can start at any batch of an epoch (exact resume, also at another world size). The DALI backend
 reads the same per-epoch order through its sharded file reader.
 """
 from __future__ import annotations
@@ -60,8 +63,7 @@ class EpochBatchSampler(Sampler[list[int]]):
         else:
             order = list(range(self.size))
         if self.drop_last:
-            per_rank = self.size // self.world
-            return order[self.rank * per_rank:(self.rank + 1) * per_rank]
+            return rank_indices(order, self.world, self.rank, self.batch_size)
         return order[self.rank::self.world]  # evaluation: every example exactly once over ranks
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -89,6 +91,15 @@ class SyntheticImages(Dataset):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
         x = torch.randn(3, self.image_size, self.image_size, generator=g)
         return x, int(torch.randint(self.num_classes, (1,), generator=g))
+
+
+def rank_indices(order: list[int], world: int, rank: int, batch_size: int, start_batch: int = 0) -> list[int]:
+    """Rank ``rank``'s training examples of an epoch, micro-batch after micro-batch from ``start_batch``:
+    its i-th micro-batch is ``order[(i*world + rank)*batch_size:][:batch_size]`` (the tail that does
+    not fill a micro-batch on every rank is dropped)."""
+    n = len(order) // (world * batch_size)
+    return [j for i in range(start_batch, n)
+            for j in order[(i * world + rank) * batch_size:(i * world + rank + 1) * batch_size]]
 
 
 def epoch_order(size: int, seed: int, epoch: int) -> list[int]:

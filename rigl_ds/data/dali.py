@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 import torch
 
-from rigl_ds.data import IMAGENET_MEAN, IMAGENET_STD, Data, DataError, epoch_order
+from rigl_ds.data import IMAGENET_MEAN, IMAGENET_STD, Data, DataError, epoch_order, rank_indices
 
 READER = "Reader"
 
@@ -146,14 +146,14 @@ class DaliData(Data):
     def train_batches(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         _, _, _, DALIGenericIterator, LastBatchPolicy = import_dali()
         n = len(self.train_samples)
-        per_rank = n // self.world
-        skip = start_batch * self.batch_size
-        if skip >= per_rank:
+        if start_batch >= n // (self.world * self.batch_size):
             return iter(())
-        # every rank's slice of the epoch order, from the resume position on: equal-length pieces, so
-        # DALI's shard `rank` of `world` is exactly this rank's remaining slice
+        # every rank's examples of the epoch order (rank_indices), from the resume position on, rank
+        # after rank: equal-length pieces, so DALI's shard `rank` of `world` is exactly this rank's
         order = epoch_order(n, self.seed, epoch)
-        picked = [i for r in range(self.world) for i in order[r * per_rank + skip:(r + 1) * per_rank]]
+        picked = [i for r in range(self.world)
+                  for i in rank_indices(order, self.world, r, self.batch_size, start_batch)]
+        per = len(picked) // self.world
         files = [self.train_samples[i][0] for i in picked]
         pipe = train_pipeline(files, [self.train_samples[i][1] for i in picked],
                               shard_id=self.rank, num_shards=self.world, size=self.image_size, on_gpu=self.on_gpu,
@@ -161,7 +161,7 @@ class DaliData(Data):
                               seed=(self.seed * 1_000_003 + epoch * 1_009 + self.rank * 7 + start_batch) % 2**31)
         it = DALIGenericIterator(pipe, ["data", "label"], reader_name=READER,
                                  last_batch_policy=LastBatchPolicy.DROP, auto_reset=False)
-        mine = files[self.rank * (per_rank - skip):(self.rank + 1) * (per_rank - skip)]
+        mine = files[self.rank * per:(self.rank + 1) * per]
         return _batches(it, mine, self.batch_size, self.source)
 
     def val_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -1,11 +1,13 @@
 """DDP on 2 gloo ranks: same masks as one process, invariants on every rank, packed all-reduce."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from rigl_ds import RigL
 from tests.distributed.harness import run_ranks
-from tests.helpers import batch, make_nobn
+from tests.helpers import assert_grown_state_reset, batch, make_nobn, poison_inactive
 
 pytestmark = pytest.mark.distributed
 
@@ -51,6 +53,13 @@ def assert_equal_run(masks, weights, ref_masks, ref_w, rtol=1e-9, atol=1e-12) ->
         torch.testing.assert_close(weights[n], w, rtol=rtol, atol=atol)
 
 
+def states(model, opt, sp) -> dict[str, list[torch.Tensor]]:
+    """The per-element optimizer state tensors of each masked layer (whole, as DDP keeps them)."""
+    params = dict(model.named_parameters())
+    return {n: [v for v in opt.state.get(params[n], {}).values() if torch.is_tensor(v) and v.shape == m.shape]
+            for n, m in sp.masks.items()}
+
+
 def ddp_worker(rank, world, packed, channels_last=False):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -63,7 +72,7 @@ def ddp_worker(rank, world, packed, channels_last=False):
     opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
     engine = DDPEngine(ddp, opt, packed_allreduce=packed)
     sp = RigL(model, opt, total_steps=STEPS, sparsity=0.8, delta=DELTA, grad_accumulation_n=2, engine=engine)
-    masks, traffic = [], []
+    masks, traffic, grown = [], [], 0
     for t in range(STEPS):
         x, y = batch(t, dtype=torch.float64)
         half = x.shape[0] // world
@@ -73,15 +82,31 @@ def ddp_worker(rank, world, packed, channels_last=False):
         opt.zero_grad()
         if engine.comm:
             engine.comm.reset_counters()
-        F.cross_entropy(ddp(xs), ys).backward()
         dense_wanted = sp.wants_dense_grad()
+        if packed and not dense_wanted:     # the reference: the full batch's dense gradient in this process
+            ref = copy.deepcopy(model)
+            F.cross_entropy(ref(x), y).backward()
+            ref_grads = {n: q.grad for n, q in ref.named_parameters()}
+        F.cross_entropy(ddp(xs), ys).backward()
+        if packed and not dense_wanted:     # the packed hook itself masked: before the sparsifier runs
+            params = dict(model.named_parameters())
+            for n, m in sp.masks.items():
+                g = params[n].grad
+                assert torch.count_nonzero(g[~m]) == 0, (t, n, "inactive gradient entries after backward")
+                torch.testing.assert_close(g[m], ref_grads[n][m], rtol=1e-9, atol=1e-12)
+        updating = sp.is_update_step() and t > 0
+        if updating:
+            before = poison_inactive(states(model, opt, sp), sp.masks)
         if sp.step():
             opt.step()
+        if updating:
+            grown += assert_grown_state_reset(states(model, opt, sp), before, sp.masks)
         check_invariants(model, opt, sp)
         if engine.comm:
             traffic.append((t, dense_wanted, engine.comm.bytes_this_step, engine.comm.dense_bytes_this_step))
         if sp.last_update and sp.last_update["step"] == t:
             masks.append({n: m.clone() for n, m in sp.masks.items()})
+    assert grown > 0
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     return masks, weights, traffic, sp.measure().mask_density
 

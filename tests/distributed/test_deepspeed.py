@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from rigl_ds import RigL
 from tests.distributed.harness import run_ranks
 from tests.distributed.test_ddp import DELTA, STEPS, single_process
-from tests.helpers import batch, make_nobn
+from tests.helpers import assert_grown_state_reset, batch, make_nobn, poison_inactive
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -45,6 +45,41 @@ def check_ds_invariants(adapter, sp, stage):
             assert torch.count_nonzero(s[~mask]) == 0, (name, k)
 
 
+def ds_states(adapter, sp) -> dict[str, list[torch.Tensor]]:
+    """Each masked layer's per-element optimizer state, whole (copies under ZeRO 1-3)."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    adapter._link_loaded_optimizer_state()
+    out = {}
+    for name in sp.masks:
+        p = adapter._param(name)
+        direct = adapter.base_optimizer.state.get(p)
+        if direct is not None:
+            out[name] = [v for v in direct.values() if torch.is_tensor(v) and v.shape == p.shape]
+        else:
+            out[name] = [safe_get_full_optimizer_state(p, k) for k in adapter._state_keys()]
+    return out
+
+
+def ds_poison_inactive(adapter, sp) -> dict[str, torch.Tensor]:
+    """:func:`tests.helpers.poison_inactive` through DeepSpeed's accessors."""
+    states = ds_states(adapter, sp)
+    before = poison_inactive(states, sp.masks)
+    ds_write_states(adapter, states)
+    return before
+
+
+def ds_write_states(adapter, states) -> None:
+    """Write :func:`ds_states`' copies back (ZeRO 1-3; stage 0's are the optimizer's own tensors)."""
+    from deepspeed.utils import safe_set_full_optimizer_state
+
+    for name, ts in states.items():
+        p = adapter._param(name)
+        if adapter.base_optimizer.state.get(p) is None:
+            for k, t in zip(adapter._state_keys(), ts):
+                safe_set_full_optimizer_state(p, t, k)
+
+
 def ds_worker(rank, world, stage):
     import deepspeed
 
@@ -63,17 +98,25 @@ def ds_worker(rank, world, stage):
     adapter = DeepSpeedEngineAdapter(engine, opt)
     sp = RigL(engine.module, opt, total_steps=STEPS, sparsity=0.8, delta=DELTA, grad_accumulation_n=2,
               engine=adapter)
-    masks = []
+    masks, grown = [], 0
     for t in range(STEPS):
         x, y = batch(t, dtype=torch.float32)
         half = x.shape[0] // world
         loss = F.cross_entropy(engine(x[rank * half:(rank + 1) * half]), y[rank * half:(rank + 1) * half])
         engine.backward(loss)
         assert engine.is_gradient_accumulation_boundary()
+        updating = sp.is_update_step() and t > 0
+        if updating:
+            before = ds_poison_inactive(adapter, sp)
         adapter.step(apply=sp.step())
+        if updating:
+            after = ds_states(adapter, sp)
+            grown += assert_grown_state_reset(after, before, sp.masks)
+            ds_write_states(adapter, after)
         check_ds_invariants(adapter, sp, stage)
         if sp.last_update and sp.last_update["step"] == t:
             masks.append({n: m.clone() for n, m in sp.masks.items()})
+    assert grown > 0
     from deepspeed.utils import safe_get_full_fp32_param
 
     weights = {}

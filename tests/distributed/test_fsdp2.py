@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from rigl_ds import RigL
 from tests.distributed.harness import run_ranks
 from tests.distributed.test_ddp import DELTA, STEPS, assert_equal_run, single_process
-from tests.helpers import NoBNCNN, batch
+from tests.helpers import NoBNCNN, assert_grown_state_reset, batch, poison_inactive
 
 pytestmark = pytest.mark.distributed
 
@@ -44,6 +44,15 @@ def check_local_invariants(model, opt, sp, engine) -> None:
     assert counts.tolist() == [sp.nnz[n] for n in sp.masks]
 
 
+def shard_states(model, opt, sp) -> dict[str, list[torch.Tensor]]:
+    """This rank's shards of each masked layer's per-element optimizer state (views: writable in place)."""
+    from rigl_ds.engines.fsdp2 import local
+
+    params = dict(model.named_parameters())
+    return {n: [local(v) for v in opt.state.get(params[n], {}).values()
+                if torch.is_tensor(v) and v.shape == params[n].shape] for n in sp.masks}
+
+
 def fsdp_worker(rank, world, selection):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -59,17 +68,23 @@ def fsdp_worker(rank, world, selection):
     engine = FSDP2Engine(model, opt, selection=selection)
     sp = RigL(model, opt, total_steps=STEPS, sparsity=0.8, delta=DELTA, grad_accumulation_n=2, engine=engine)
     check_local_invariants(model, opt, sp, engine)
-    masks = []
+    masks, grown = [], 0
     for t in range(STEPS):
         x, y = data(t)
         per = x.shape[0] // world
         opt.zero_grad()
         F.cross_entropy(model(x[rank * per:(rank + 1) * per]), y[rank * per:(rank + 1) * per]).backward()
+        updating = sp.is_update_step() and t > 0
+        if updating:
+            before = poison_inactive(shard_states(model, opt, sp), sp.masks)
         if sp.step():
             opt.step()
+        if updating:
+            grown += assert_grown_state_reset(shard_states(model, opt, sp), before, sp.masks)
         check_local_invariants(model, opt, sp, engine)
         if sp.last_update and sp.last_update["step"] == t:
             masks.append({n: engine._gather(m, n) for n, m in sp.masks.items()})
+    assert engine.total(torch.tensor([grown]))[0] > 0
     weights = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
     return masks, weights, sp.last_update
 

@@ -44,18 +44,19 @@ def check_batch(x, y, n, samples, size=SIZE) -> list[int]:
     return ks
 
 
-def test_dali_cpu_train_reads_this_ranks_slice_of_the_epoch_order(folder):
-    per_rank, bs = 21 // 2, 4
+def test_dali_cpu_train_reads_this_ranks_batches_of_the_epoch_order(folder):
+    bs = 4
     seen = {}
     for rank in (0, 1):
         data = build_data(cfg(folder), seed=3, rank=rank, world=2)
         samples = data.train_samples
         assert [c for _, c in samples] == [0] * 7 + [1] * 7 + [2] * 7
-        assert data.batches_per_epoch() == per_rank // bs == 2
+        assert data.batches_per_epoch() == 21 // (2 * bs) == 2
         for epoch in (0, 1):
             ks = [k for x, y in data.train_batches(epoch) for k in check_batch(x, y, bs, samples)]
             order = epoch_order(21, 3, epoch)
-            assert ks == order[rank * per_rank:(rank + 1) * per_rank][:2 * bs]
+            # micro-batch i of rank r: examples (2i + r)*bs ... of the epoch's order
+            assert ks == [order[(2 * i + rank) * bs + j] for i in range(2) for j in range(bs)]
             seen[rank, epoch] = ks
         # resume at batch 1 of epoch 1: exactly the remaining batches
         ks = [k for x, y in data.train_batches(1, start_batch=1) for k in check_batch(x, y, bs, samples)]
@@ -145,3 +146,22 @@ def test_backend_errors_name_key_value_and_allowed(tmp_path):
     (tmp_path / "val").mkdir()
     with pytest.raises(DataError, match=f"data.path='{tmp_path}'.*Couldn't find any class folder"):
         build_data(cfg(tmp_path), seed=0)
+
+
+def test_a_steps_global_batch_is_the_same_at_every_world_size():
+    """2 ranks x 16 and 1 process x 16 x 2 accumulated micro-batches train on the same 32 examples
+    each step (so a run resumed at another world size continues on the same examples)."""
+    from rigl_ds.data import EpochBatchSampler
+
+    size, bs = 203, 16
+    one = list(EpochBatchSampler(size, bs, seed=4, epoch=3))
+    two = [list(EpochBatchSampler(size, bs, seed=4, epoch=3, rank=r, world=2)) for r in (0, 1)]
+    three = [list(EpochBatchSampler(size, bs, seed=4, epoch=3, rank=r, world=3)) for r in (0, 1, 2)]
+    order = epoch_order(size, 4, 3)
+    assert len(one) == 12 and len(two[0]) == len(two[1]) == 6 and len(three[0]) == 4
+    for step in range(6):                     # global batch 32
+        assert one[2 * step] + one[2 * step + 1] == two[0][step] + two[1][step] == order[32 * step:32 * step + 32]
+    for step in range(4):                     # global batch 48
+        assert [k for r in range(3) for k in three[r][step]] == order[48 * step:48 * step + 48]
+    # resume at batch 2: the remaining batches
+    assert list(EpochBatchSampler(size, bs, seed=4, epoch=3, rank=1, world=2, start_batch=2)) == two[1][2:]

@@ -170,3 +170,31 @@ def test_resumed_run_adds_to_its_time_and_a_finished_run_is_left_as_it_is(tmp_pa
     assert main([*args, "train.max_steps=6", "resume=auto"]) == 0
     assert "already finished at step 6" in capsys.readouterr().err
     assert (run / "result.json").read_bytes() == text
+
+
+def test_cpu_threads_are_chosen_from_the_config_and_machine_and_logged(tmp_path, monkeypatch, capsys):
+    import os
+
+    from rigl_ds.train import SMALL_STEP_FLOPS, choose_threads
+
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert choose_threads(3, 1e12, cpu) == (3, "train.threads")
+    assert choose_threads("auto", SMALL_STEP_FLOPS / 2, cpu)[0] == 1
+    cpus = len(os.sched_getaffinity(0))
+    assert choose_threads("auto", SMALL_STEP_FLOPS * 2, cpu)[0] == cpus
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert choose_threads("auto", SMALL_STEP_FLOPS * 2, cpu)[0] == max(1, cpus // 2)
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    assert choose_threads("auto", SMALL_STEP_FLOPS * 2, cpu) == (5, "train.threads=auto: OMP_NUM_THREADS")
+    # the run sets and logs it
+    before = torch.get_num_threads()
+    try:
+        assert main(["train", QUICK, *SHORT, "train.max_steps=2", "train.threads=2",
+                     f"logging.run_dir={tmp_path / 'run'}"]) == 0
+        assert torch.get_num_threads() == 2
+        out = capsys.readouterr()
+        assert "torch CPU threads per process: 2 (train.threads)" in out.out + out.err
+    finally:
+        torch.set_num_threads(before)
