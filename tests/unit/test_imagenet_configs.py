@@ -121,3 +121,16 @@ def test_global_batch_is_kept_by_gradient_accumulation_on_fewer_ranks():
     bad = load_config(path("uniform", 80, 100), ["train.grad_accumulation=3"])
     with pytest.raises(ConfigError, match=r"train.grad_accumulation=3 disagrees with train.global_batch=2048"):
         for_world(bad, 4)
+
+
+def test_readme_distribution_table():
+    """README's table of distributions: the ResNet-50 global density and inference FLOPs of each, at
+    80% and 90%, as `plan` computes them for the kit's YAML."""
+    readme = (ROOT / "README.md").read_text()
+    rows = re.findall(r"^\| `(\w+)`[^|]*\|[^|]*\|[^|]*\| ([\d.]+) / ([\d.]+) \| ([\d.]+) / ([\d.]+) \|$", readme, flags=re.M)
+    assert sorted(r[0] for r in rows) == ["er", "erk", "uniform", "uniform_nv"], rows
+    for name, d80, d90, f80, f90 in rows:
+        for s, dens, flops in ((80, d80, f80), (90, d90, f90)):
+            plan = make_plan(load_config(path("erk", s, 100), [f"sparsity.distribution={name}"]), world=8)
+            assert f"{plan['global_density']:.6f}" == dens, (name, s, plan["global_density"])
+            assert f"{plan['flops']['inference_ratio']:.3f}" == flops, (name, s, plan["flops"]["inference_ratio"])
