@@ -12,8 +12,7 @@ shift
 if [ -z "${NPROC_PER_NODE:-}" ]; then
   NPROC_PER_NODE=$(python -c "import torch; print(torch.cuda.device_count() or 2)")
 fi
-export TORCHELASTIC_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
-export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-300}
 exec torchrun --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" --nproc_per_node "$NPROC_PER_NODE" \
   --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}" \
+  --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout "${SHUTDOWN_TIMEOUT:-300}" \
   -m rigl_ds.cli train "$config" engine.name="${ENGINE:-ddp}" "$@"

@@ -304,10 +304,11 @@ def _allowed_keys(loc: tuple) -> list[str]:
 def _format(e: dict, source: str, overridden: dict[str, str]) -> str:
     loc = tuple(e["loc"])
     key = ".".join(str(p) for p in loc)
-    # the override that set this key, one above it (a.b=... sets a.b.c) or one below it (an unknown
-    # section "optimiser" comes from "optimiser.lr=...")
+    # the override that set this key or one above it (a.b=... sets a.b.c); for an unknown key, also one
+    # below it (the unknown section "optimiser" comes from "optimiser.lr=...")
+    unknown = e["type"] == "extra_forbidden"
     origin = next((item for o, item in overridden.items()
-                   if key == o or key.startswith(o + ".") or o.startswith(key + ".")), None)
+                   if key == o or key.startswith(o + ".") or (unknown and o.startswith(key + "."))), None)
     where = f"command-line override {origin!r}" if origin else source
     if e["type"] == "extra_forbidden":
         allowed = _allowed_keys(loc)

@@ -266,11 +266,16 @@ class Trainer:
     def _flops(self) -> dict[str, float]:
         """Counted on the model rebuilt on the meta device (no memory, no compute), not on the engine's
         copy: DeepSpeed's bf16/fp16 engines, ZeRO-3 and FSDP2 hold it in forms a plain forward refuses."""
-        with torch.device("meta"):
-            model = build_model(self.cfg.model, self.exp.info.num_classes, self.exp.info.input_shape)
-        x = torch.zeros((1, *self.exp.info.input_shape), device="meta")
         dens = self.sparsifier.layer_densities() if self.sparsifier else {}
-        f = forward_flops(model, x, dens)
+        try:
+            with torch.device("meta"):
+                model = build_model(self.cfg.model, self.exp.info.num_classes, self.exp.info.input_shape)
+            f = forward_flops(model, torch.zeros((1, *self.exp.info.input_shape), device="meta"), dens)
+        except Exception as e:  # a user model whose builder or forward needs real tensors: count on the CPU
+            logger.debug("FLOPs on the meta device failed (%s); counting on a CPU copy", e)
+            with torch.random.fork_rng(devices=[]):          # the copy's init draws nothing from the run's RNG
+                model = build_model(self.cfg.model, self.exp.info.num_classes, self.exp.info.input_shape)
+                f = forward_flops(model, torch.zeros((1, *self.exp.info.input_shape)), dens)
         return {"dense": f.dense, "sparse": f.sparse}
 
     def _prepare_run_dir(self) -> None:
@@ -354,8 +359,10 @@ class Trainer:
         mine = torch.tensor([float(self.window[k]) for k in self._WINDOW], dtype=torch.float64, device=self.device)
         return self.rt.all_gather(mine).cpu()
 
-    def _window_from_rows(self, rows: torch.Tensor) -> dict[str, Any]:
+    def _window_from_rows(self, rows: torch.Tensor | dict) -> dict[str, Any]:
         rank, world = self.rt.rank, self.rt.world
+        if isinstance(rows, dict):     # checkpoints written before per-rank windows: rank 0's sums, one row
+            rows = torch.tensor([[float(rows.get(k, 0.0)) for k in self._WINDOW]], dtype=torch.float64)
         if rows.shape[0] == world:
             row = rows[rank]
         else:                   # another world size: the window's totals go to rank 0

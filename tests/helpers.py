@@ -112,3 +112,19 @@ def assert_grown_state_reset(states: dict[str, list[torch.Tensor]], old: dict[st
             assert torch.count_nonzero(t[grown]) == 0, (n, "state of grown positions not reset")
             t[~new[n]] = 0
     return grown_total
+
+
+class NeedsRealTensors(nn.Module):
+    """A user model whose forward reads a value on the host (``.item()``): it cannot run on the meta device."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(64, 32), nn.Linear(32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = 1.0 if x.abs().max().item() > 0 else 0.0
+        return self.fc2(torch.relu(self.fc1(x.flatten(1)))) * scale
+
+
+def needs_real_tensors(num_classes: int = 10) -> NeedsRealTensors:
+    return NeedsRealTensors(num_classes)

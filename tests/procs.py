@@ -51,9 +51,10 @@ def shm_segments() -> set[str]:
     return set(glob.glob(SHM_GLOB))
 
 
-def signal_when(proc: Proc, ready, sig: int, *, timeout: float = 600) -> subprocess.CompletedProcess:
+def signal_when(proc: Proc, ready, sig: int, *, timeout: float = 600, group: bool = False) -> subprocess.CompletedProcess:
     """Send ``sig`` to ``proc``'s command (the launcher, as a user or a scheduler would) once ``ready()``
-    is true, then wait for it to end. Fails if the command ends first or ``ready()`` never holds."""
+    is true, then wait for it to end. Fails if the command ends first or ``ready()`` never holds.
+    ``group``: to its whole process group, as Ctrl-C in a terminal does (DataLoader workers included)."""
     import time
 
     end = time.monotonic() + timeout
@@ -66,7 +67,10 @@ def signal_when(proc: Proc, ready, sig: int, *, timeout: float = 600) -> subproc
             proc._kill_group()
             raise AssertionError(f"{' '.join(proc.cmd)}: not ready to be signalled after {timeout} s")
         time.sleep(0.05)
-    os.kill(proc.p.pid, sig)
+    if group:
+        os.killpg(proc.p.pid, sig)
+    else:
+        os.kill(proc.p.pid, sig)
     return proc.finish()
 
 

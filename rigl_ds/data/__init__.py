@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import pathlib
+import signal
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -147,13 +148,23 @@ class LoaderData(Data):
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch * 1009 + self.rank)
         return _plain_errors(DataLoader(self.train_set, batch_sampler=sampler, num_workers=self.num_workers,
                                         persistent_workers=False, pin_memory=torch.cuda.is_available(),
-                                        generator=gen))
+                                        generator=gen, worker_init_fn=ignore_stop_signals))
 
     def val_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         sampler = EpochBatchSampler(len(self.val_set), self.eval_batch_size, seed=0, epoch=0, rank=self.rank,
                                     world=self.world, shuffle=False, drop_last=False)
         return _plain_errors(DataLoader(self.val_set, batch_sampler=sampler, num_workers=self.num_workers,
-                                        generator=torch.Generator().manual_seed(self.rank)))
+                                        generator=torch.Generator().manual_seed(self.rank),
+                                        worker_init_fn=ignore_stop_signals))
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers ignore SIGINT, SIGTERM and SIGUSR1: Ctrl-C reaches the terminal's whole process
+    group and launchers signal whole process trees, but the rank itself must finish its step (reading
+    batches) and checkpoint before it stops (rigl_ds.stop). Workers still end with their loader, or
+    with the rank (they watch its process)."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _plain_errors(loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

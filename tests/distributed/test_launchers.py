@@ -92,7 +92,7 @@ def slurm_job(tmp_path: pathlib.Path, *args: str):
 
     def start(background: bool = False):
         if background:
-            return procs.Proc(cmd, env=dict(env, RIGL_DS_FAULT_DELAY="0.1"), cwd=ROOT, timeout=600, merge_output=True)
+            return procs.Proc(cmd, env=dict(env, RIGL_DS_FAULT_DELAY="0.3"), cwd=ROOT, timeout=600, merge_output=True)
         p = procs.run(cmd, env=env, cwd=ROOT, merge_output=True)
         assert p.returncode == 0, p.stdout[-4000:]
         return p

@@ -27,7 +27,7 @@ def run(run_dir, fault=None, resume=False, config="configs/quickstart.yaml", ext
     if resume:
         cmd.append("resume=auto")
     if background:
-        return procs.Proc(cmd, env=dict(env, RIGL_DS_FAULT_DELAY="0.1"), cwd=ROOT, timeout=600)
+        return procs.Proc(cmd, env=dict(env, RIGL_DS_FAULT_DELAY="0.3"), cwd=ROOT, timeout=600)
     p = procs.run(cmd, env=env, cwd=ROOT)
     if fault:
         assert p.returncode == -9, (fault, p.returncode, p.stderr[-3000:])   # killed by SIGKILL
@@ -69,17 +69,20 @@ def test_kill_between_checkpoint_and_its_checksum_falls_back(straight, tmp_path)
 
 
 def test_sigint_and_sigterm_finish_the_step_checkpoint_and_resume_exactly(straight, tmp_path):
-    """Ctrl-C (SIGINT) mid-run: the step is finished, checkpointed (no step lost), exit 130 with the resume
-    hint; then SIGTERM (preemption) in the resumed run, the same; resume=auto ends bit-identical."""
+    """Ctrl-C (SIGINT to the terminal's process group: DataLoader workers too) mid-run: the step is
+    finished, checkpointed (no step lost), exit 130 with the resume hint; then SIGTERM (preemption) in
+    the resumed run, the same; resume=auto ends bit-identical. Steps are slowed to 0.3 s so a signal
+    lands well before the end even on a loaded machine."""
     d = tmp_path / "run"
     ck = d / "checkpoints"
-    p = procs.signal_when(run(d, background=True), lambda: (ck / "step_00000020.pt.sha256").exists(), signal.SIGINT)
+    p = procs.signal_when(run(d, background=True, extra=["data.num_workers=2"]),
+                          lambda: (ck / "step_00000020.pt.sha256").exists(), signal.SIGINT, group=True)
     assert p.returncode == 130, p.stderr[-3000:]
     first = procs.stopped_step(p.stderr, "SIGINT")
-    assert 20 < first < 88 and (ck / f"step_{first:08d}.pt.sha256").is_file()
+    assert 20 < first < 60 and (ck / f"step_{first:08d}.pt.sha256").is_file()
     assert f"Resume with the same command and: resume=auto logging.run_dir={d}" in p.stderr
-    p = procs.signal_when(run(d, resume=True, background=True),
-                          lambda: (ck / "step_00000040.pt.sha256").exists() or (ck / "step_00000060.pt.sha256").exists(),
+    later = [ck / f"step_{s:08d}.pt.sha256" for s in (40, 60) if s > first]    # written by the resumed run
+    p = procs.signal_when(run(d, resume=True, background=True), lambda: any(f.exists() for f in later),
                           signal.SIGTERM)
     assert p.returncode == 128 + signal.SIGTERM, p.stderr[-3000:]
     second = procs.stopped_step(p.stderr, "SIGTERM")
@@ -90,14 +93,14 @@ def test_sigint_and_sigterm_finish_the_step_checkpoint_and_resume_exactly(straig
     assert_same_run(straight, d, 88)
 
 
-def sigterm_mid_run(start, ready: pathlib.Path, after: int, before: int) -> str:
-    """Start a resumed run, send its launcher SIGTERM once ``ready`` exists (as a scheduler preempting
-    the job would): every rank finishes its step and the run checkpoints that step, between ``after``
-    and ``before``; returns the output."""
-    p = procs.signal_when(start("resume=auto"), ready.exists, signal.SIGTERM)
+def sigterm_mid_run(start, ready: pathlib.Path, after: int, before: int, sig: int = signal.SIGTERM) -> str:
+    """Start a resumed run, send its launcher ``sig`` once ``ready`` exists (SIGTERM: a scheduler
+    preempting the job; SIGUSR1: SLURM's time-limit warning): every rank finishes its step and the run
+    checkpoints that step, between ``after`` and ``before``; returns the output."""
+    p = procs.signal_when(start("resume=auto"), ready.exists, sig)
     out = p.stdout + (p.stderr or "")
     assert p.returncode != 0, out[-3000:]
-    n = procs.stopped_step(out, "SIGTERM")
+    n = procs.stopped_step(out, signal.Signals(sig).name)
     assert after < n < before and (ready.parent.parent / f"step_{n:08d}" / "complete").is_file(), out[-3000:]
     return out
 
@@ -129,7 +132,7 @@ def test_deepspeed_two_ranks_killed_mid_update_and_mid_save_then_resumed(tmp_pat
     killed("checkpoint_write:1", "0", "resume=auto")       # step 30: files written, no manifest
     assert (ck / "step_00000030").is_dir() and not (ck / "step_00000030" / "complete").exists()
     stop = sigterm_mid_run(lambda *a: launch("deepspeed.sh", cfg, ds, *args, f"logging.run_dir={d}", *a,
-                                             background=True, env={"RIGL_DS_FAULT_DELAY": "0.1"}),
+                                             background=True, env={"RIGL_DS_FAULT_DELAY": "0.5"}),
                            ck / "step_00000030" / "complete", 30, 40)
     assert "step_00000020 at step 20" in stop
     out = launch("deepspeed.sh", cfg, ds, *args, f"logging.run_dir={d}", "resume=auto")
@@ -141,7 +144,8 @@ def test_deepspeed_two_ranks_killed_mid_update_and_mid_save_then_resumed(tmp_pat
 def test_fsdp2_two_ranks_killed_mid_update_and_mid_save_then_resumed(tmp_path):
     """FSDP2: rank 1 dies inside a mask update (after the sharded selection, between layers); then
     rank 0 dies after every shard of a checkpoint is written but before its manifest, leaving only
-    a temporary folder. Then torchrun gets SIGTERM mid-run: the ranks finish their step, checkpointed.
+    a temporary folder. Then torchrun gets SIGUSR1 mid-run (as from SLURM's --signal): torchrun passes
+    it on, the ranks finish their step, checkpointed.
     resume=auto; the run ends bit-identical to an uninterrupted one."""
     from tests.distributed.test_launchers import FSDP2_CFG, launch
 
@@ -162,8 +166,8 @@ def test_fsdp2_two_ranks_killed_mid_update_and_mid_save_then_resumed(tmp_path):
     killed("checkpoint_write:1", "0", "resume=auto")       # step 30: shards written, no manifest, not renamed
     assert (ck / ".step_00000030.tmp").is_dir() and not (ck / "step_00000030").exists()
     stop = sigterm_mid_run(lambda *a: launch("fsdp2.sh", FSDP2_CFG, *args, f"logging.run_dir={d}", *a,
-                                             background=True, env={"RIGL_DS_FAULT_DELAY": "0.1"}),
-                           ck / "step_00000030" / "complete", 30, 40)
+                                             background=True, env={"RIGL_DS_FAULT_DELAY": "0.5"}),
+                           ck / "step_00000030" / "complete", 30, 40, signal.SIGUSR1)
     assert "step_00000020 at step 20" in stop
     assert not (ck / ".step_00000030.tmp").exists()
     out = launch("fsdp2.sh", FSDP2_CFG, *args, f"logging.run_dir={d}", "resume=auto")

@@ -99,3 +99,12 @@ def test_validate_cli_exit_codes(tmp_path, capsys):
     assert main(["validate", str(good), str(bad)]) == 1
     err = capsys.readouterr().err
     assert f"invalid: {bad}" in err and "sparsity.delta" in err and "foo: unknown key" in err
+
+
+def test_an_error_inside_a_section_of_the_file_does_not_blame_an_unrelated_override(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"extends: {ROOT / 'configs' / 'quickstart.yaml'}\nsparsity:\n  grad_accumulation_n: 50\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(bad, ["sparsity.sparsity=0.8"])
+    probs = e.value.problems
+    assert len(probs) == 1 and probs[0].startswith(f"{bad}: sparsity"), probs

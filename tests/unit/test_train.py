@@ -198,3 +198,13 @@ def test_cpu_threads_are_chosen_from_the_config_and_machine_and_logged(tmp_path,
         assert "torch CPU threads per process: 2 (train.threads)" in out.out + out.err
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_user_model_that_needs_real_tensors_trains(tmp_path):
+    """FLOPs are counted on a meta-device copy; a model whose forward reads host values falls back to a
+    CPU copy (without drawing from the run's RNG)."""
+    run = tmp_path / "run"
+    assert main(["train", QUICK, *SHORT, "train.max_steps=3", "model.name=tests.helpers:needs_real_tensors",
+                 f"logging.run_dir={run}"]) == 0
+    result = json.loads((run / "result.json").read_text())
+    assert result["steps"] == 3 and result["train_flops_ratio"] < 1.0
