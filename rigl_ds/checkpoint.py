@@ -155,8 +155,11 @@ _REFUSED = ("refused: loading it could run code. rigl_ds checkpoints hold tensor
 
 def _weights_only_reason(e: Exception) -> str:
     """What ``torch.load(weights_only=True)`` refused, in one line (e.g. "GLOBAL builtins.exec")."""
-    m = re.search(r"Unsupported (?:global|operand)[^:]*:\s*([^\n]+?)\s*(?:was not an allowed|$)", str(e), re.M)
-    return m.group(1).strip() if m else str(e).strip().splitlines()[-1]
+    m = re.search(r"Unsupported global[^:]*:\s*([^\n]+?)\s*(?:was not an allowed|$)", str(e), re.M)
+    if m:
+        return m.group(1).strip()
+    m = re.search(r"Unsupported operand \S+", str(e))
+    return f"not a torch checkpoint: pickle {m.group(0)}" if m else str(e).strip().splitlines()[0]
 
 
 def load(path: pathlib.Path) -> dict[str, Any]:
@@ -167,9 +170,11 @@ def load(path: pathlib.Path) -> dict[str, Any]:
     data = verify(path)
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:   # weights_only met a global outside tensors and plain data
-        raise CheckpointError(f"checkpoint {path} holds an object other than tensors and plain data "
-                              f"({_weights_only_reason(e)}); {_REFUSED}") from None
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" in str(e):           # it names a global outside tensors and plain data
+            raise CheckpointError(f"checkpoint {path} holds an object other than tensors and plain data "
+                                  f"({_weights_only_reason(e)}); {_REFUSED}") from None
+        raise CheckpointError(f"checkpoint {path} cannot be read ({_weights_only_reason(e)})") from None
     except Exception as e:  # a file that matches its checksum but is not a torch checkpoint
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})") from None
     if not isinstance(obj, dict) or "step" not in obj or "model" not in obj:

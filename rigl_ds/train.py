@@ -321,7 +321,9 @@ class Trainer:
         spe = self.exp.steps_per_epoch
         return {
             "step": self.step,
-            "data": {"epoch": self.step // spe, "batch": (self.step % spe) * self.cfg.train.grad_accumulation},
+            # the data position (a resume derives it from "step"): the same at every world size
+            "data": {"epoch": self.step // spe,
+                     "examples": (self.step % spe) * self.cfg.data.batch_size * self.cfg.train.grad_accumulation * self.rt.world},
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "sparsifier": self.sparsifier.state_dict() if self.sparsifier else None,
             "rng": ckpt.rng_state(),

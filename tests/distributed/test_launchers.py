@@ -75,6 +75,16 @@ def test_torchrun_ddp_resume_and_two_nodes(tmp_path):
     assert_same_run(straight, slurm, 88)
 
 
+def test_slurm_job_cancelled_with_sigterm_checkpoints_and_is_not_requeued(tmp_path):
+    run = tmp_path / "run"
+    job = slurm_job(tmp_path, *SHORT, f"logging.run_dir={run}", "checkpoint.every_steps=20")
+    p = procs.signal_when(job(background=True), (run / "checkpoints" / "step_00000020.pt.sha256").exists,
+                          signal.SIGTERM)
+    n = procs.stopped_step(p.stdout, "SIGTERM")
+    assert 20 < n < 88 and (run / "checkpoints" / f"step_{n:08d}.pt.sha256").is_file(), p.stdout[-3000:]
+    assert "not requeued here" in p.stdout and not (tmp_path / "requeued").exists()
+
+
 def slurm_job(tmp_path: pathlib.Path, *args: str):
     """launch/slurm.sbatch as SLURM would run it on one node (job 4242, 2 CPU processes), with shims for
     srun (runs its command, as the task) and scontrol (hostnames; ``requeue`` appends the id to a file)."""

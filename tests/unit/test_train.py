@@ -65,7 +65,7 @@ def test_resume_mid_epoch_is_bit_identical(tmp_path, extra, last):
     assert [p.name for p in list_checkpoints(split / "checkpoints")] == [f"step_{cut:08d}.pt"]
     assert main(["train", QUICK, *SHORT, *extra, f"logging.run_dir={split}", "resume=auto"]) == 0
     a = assert_same_run(straight, split, last, evaluated_at=(cut,))   # the checkpoint whole, and TensorBoard
-    assert a["data"] == {"epoch": 2, "batch": 0}
+    assert a["data"] == {"epoch": 2, "examples": 0}
     assert a["sparsifier"]["last_update"]["step"] == (60 if last == 88 else 30)
     assert json.loads((straight / "result.json").read_text())["eval"] == \
         json.loads((split / "result.json").read_text())["eval"]
