@@ -30,7 +30,8 @@ def params(state, run, step) -> dict[str, torch.Tensor]:
     if "zero_pp_rank_0_mp_rank_00_model_states.pt" in state:          # ZeRO-3: consolidated from the shards
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        return dict(get_fp32_state_dict_from_zero_checkpoint(str(run / "checkpoints"), tag=f"step_{step:08d}"))
+        whole = get_fp32_state_dict_from_zero_checkpoint(str(run / "checkpoints"), tag=f"step_{step:08d}")
+        return {k: v.detach() for k, v in whole.items()}
     model, _ = model_and_masks(state)
     return {k: v for k, v in model.items() if v.is_floating_point()}
 
