@@ -16,6 +16,7 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo,
                       field_validator, model_validator)
 
+from rigl_ds.core import DENSE, get_method, method_names
 from rigl_ds.core.distributions import DISTRIBUTIONS
 from rigl_ds.core.sparsifier import SparsityConfig as CoreSparsityConfig
 
@@ -104,12 +105,14 @@ class LRScheduleSection(_Strict):
 
 
 class SparsitySection(_Strict):
-    method: Literal["rigl", "set", "static", "dense"] = "rigl"
+    method: Literal[method_names() + (DENSE,)] = "rigl"     # the registry of rigl_ds.core.methods
     sparsity: float = Field(0.9, ge=0.0, lt=1.0)
     distribution: Literal[DISTRIBUTIONS] = "erk"     # see rigl_ds.core.distributions
     delta: int = Field(100, ge=1)
     alpha: float = Field(0.3, ge=0.0, le=1.0)
     t_end: Union[int, float] = 0.75
+    t_start: Union[int, float] = 0                  # gmp: pruning starts (fraction or step)
+    initial_sparsity: float = Field(0.0, ge=0.0, lt=1.0)   # gmp: sparsity at t_start (0: dense start)
     anneal: Literal["cosine", "constant"] = "cosine"
     grad_accumulation_n: int = Field(1, ge=1)
     erk_power_scale: float = Field(1.0, ge=0.0)
@@ -117,14 +120,15 @@ class SparsitySection(_Strict):
     exclude: list[str] = Field(default_factory=list)
     overrides: dict[str, Union[float, Literal["dense"]]] = Field(default_factory=dict)
     seed: Optional[int] = None                      # default: train.seed
-    skip_step_on_update: bool = True
+    skip_step_on_update: Optional[bool] = None      # default: the method's (rigl, set: true; gmp: false)
 
-    @field_validator("t_end")
+    @field_validator("t_end", "t_start")
     @classmethod
-    def _t_end(cls, v: Union[int, float]) -> Union[int, float]:
+    def _t_end(cls, v: Union[int, float], info: ValidationInfo) -> Union[int, float]:
         if isinstance(v, bool):
             raise ValueError("must be a fraction in (0, 1] or an integer step")
-        if isinstance(v, float) and not (math.isfinite(v) and 0.0 < v <= 1.0):
+        if isinstance(v, float) and not (math.isfinite(v) and (0.0 <= v if info.field_name == "t_start" else 0.0 < v)
+                                         and v <= 1.0):
             raise ValueError("as a fraction of total steps must be in (0, 1] "
                              "(an integer is an absolute step)")
         if isinstance(v, int) and v < 0:
@@ -135,13 +139,16 @@ class SparsitySection(_Strict):
     def _acc(self) -> "SparsitySection":
         if self.grad_accumulation_n > self.delta:
             raise ValueError(f"grad_accumulation_n={self.grad_accumulation_n} must be <= delta={self.delta}")
+        if self.initial_sparsity > self.sparsity:
+            raise ValueError(f"initial_sparsity={self.initial_sparsity} must be <= sparsity={self.sparsity}")
         return self
 
     def to_core(self, default_seed: int) -> CoreSparsityConfig:
         """The core's frozen config (method must not be 'dense')."""
         return CoreSparsityConfig(
             method=self.method, sparsity=self.sparsity, distribution=self.distribution,
-            delta=self.delta, alpha=self.alpha, t_end=self.t_end, anneal=self.anneal,
+            delta=self.delta, alpha=self.alpha, t_end=self.t_end, t_start=self.t_start,
+            initial_sparsity=self.initial_sparsity, anneal=self.anneal,
             grad_accumulation_n=self.grad_accumulation_n, erk_power_scale=self.erk_power_scale,
             include=tuple(self.include), exclude=tuple(self.exclude), overrides=dict(self.overrides),
             seed=default_seed if self.seed is None else self.seed,
@@ -393,10 +400,12 @@ def for_world(cfg: ExperimentConfig, world: int) -> ExperimentConfig:
 def schedule_problems(cfg: ExperimentConfig, total_steps: int) -> list[str]:
     """Checks that need the run's length: a dynamic method must update its mask at least once."""
     sp = cfg.sparsity
-    if sp.method not in ("rigl", "set"):
+    if sp.method == DENSE or not get_method(sp.method).updates:
         return []
     out = []
     t_end = sp.t_end if isinstance(sp.t_end, int) else int(round(sp.t_end * total_steps))
+    if sp.method == "gmp":
+        return _gmp_problems(cfg, total_steps, t_end)
     if isinstance(sp.t_end, int) and sp.t_end > total_steps:
         out.append(f"{cfg.where('sparsity.t_end')}: sparsity.t_end={sp.t_end}: after the end of training ({total_steps} steps); give a "
                    f"step <= {total_steps} or a fraction such as 0.75")
@@ -405,6 +414,21 @@ def schedule_problems(cfg: ExperimentConfig, total_steps: int) -> list[str]:
                    f"{total_steps} steps); {sp.method} would be static: lower delta below {t_end} or use "
                    "sparsity.method=static")
     return out
+
+
+def _gmp_problems(cfg: ExperimentConfig, total_steps: int, t_end: int) -> list[str]:
+    """GMP must reach its final sparsity before training ends."""
+    sp = cfg.sparsity
+    t_start = sp.t_start if isinstance(sp.t_start, int) else int(round(sp.t_start * total_steps))
+    if t_start >= t_end:
+        return [f"{cfg.where('sparsity.t_start')}: sparsity.t_start={sp.t_start} (step {t_start}) must come before "
+                f"sparsity.t_end={sp.t_end} (step {t_end}) for gmp"]
+    last = t_start + -(-(t_end - t_start) // sp.delta) * sp.delta
+    if last >= total_steps:
+        return [f"{cfg.where('sparsity.t_end')}: sparsity.t_end={sp.t_end}: gmp's last prune (step {last}, the first "
+                f"t_start + k*delta at or after t_end={t_end}) is not before the end of training ({total_steps} steps); "
+                "lower t_end or delta"]
+    return []
 
 
 def to_yaml(cfg: ExperimentConfig) -> str:

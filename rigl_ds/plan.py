@@ -6,7 +6,8 @@ from typing import Any
 import torch
 
 from rigl_ds.config import ConfigError, ExperimentConfig
-from rigl_ds.core import UpdateSchedule, forward_flops, get_distribution, nnz_for, select_layers, training_flops_ratio
+from rigl_ds.core import (DENSE, SparsityConfig, forward_flops, get_distribution, get_method, nnz_for, select_layers,
+                          timeline_flops_ratio, training_flops_ratio)
 from rigl_ds.train import build_experiment
 
 
@@ -18,11 +19,14 @@ def make_plan(cfg: ExperimentConfig, world: int = 1) -> dict[str, Any]:
     sp = cfg.sparsity
     try:
         layers = select_layers(exp.model, sp.include, sp.exclude)
-        if sp.method == "dense":
+        if sp.method == DENSE:
             densities = {l.name: 1.0 for l in layers}
         else:
             densities = get_distribution(sp.distribution)(layers, sp.sparsity, overrides=sp.overrides,
                                                           power_scale=sp.erk_power_scale)
+        method = None if sp.method == DENSE else get_method(sp.method)
+        core = sp.to_core(cfg.train.seed) if method else SparsityConfig(method="static")
+        sched = (method or get_method("static")).make_schedule(core, exp.total_steps)
     except ValueError as e:
         raise ConfigError([f"{cfg.where('sparsity')}: sparsity: {e}"]) from None
     rows = []
@@ -32,9 +36,23 @@ def make_plan(cfg: ExperimentConfig, world: int = 1) -> dict[str, Any]:
     total = sum(r["numel"] for r in rows)
     exact = {r["name"]: r["density"] for r in rows}
     f = forward_flops(exp.model, torch.empty((1, *exp.info.input_shape), device="meta"), exact)
-    sched = UpdateSchedule.from_total_steps(exp.total_steps, delta=sp.delta, t_end=sp.t_end, alpha=sp.alpha,
-                                            anneal=sp.anneal, grad_accumulation_n=sp.grad_accumulation_n)
-    dynamic = sp.method in ("rigl", "set")
+    dynamic = method is not None and method.updates
+    timeline = []                       # (step, global density, sparse forward FLOPs) where the counts change
+    final = {r["name"]: r["nnz"] for r in rows}
+    numel = {r["name"]: r["numel"] for r in rows}
+    if method is not None:
+        for step in [0] + [u + 1 for u in (sched.update_steps() if dynamic else [])]:
+            counts = method.counts_at(sched, final, numel, step)
+            if not timeline or counts != timeline[-1][1]:
+                timeline.append((step, counts))
+    points = [(s, sum(c.values()) / total, f.at({n: c[n] / numel[n] for n in c})) for s, c in timeline]
+    if method is None:
+        train_ratio = 1.0
+    elif len(points) <= 1:
+        train_ratio = training_flops_ratio(f.sparse, f.dense, total_steps=exp.total_steps, delta=sched.delta,
+                                           t_end=sched.t_end, dense_grad=method.needs_dense_grad)
+    else:
+        train_ratio = timeline_flops_ratio([(s, fs) for s, _, fs in points], f.dense, exp.total_steps)
     return {
         "model": cfg.model.name,
         "method": sp.method,
@@ -46,8 +64,7 @@ def make_plan(cfg: ExperimentConfig, world: int = 1) -> dict[str, Any]:
             "dense_forward": f.dense,
             "sparse_forward": f.sparse,
             "inference_ratio": f.inference_ratio,
-            "train_ratio": training_flops_ratio(f.sparse, f.dense, total_steps=exp.total_steps, delta=sched.delta,
-                                                t_end=sched.t_end, method=sp.method),
+            "train_ratio": train_ratio,
         },
         "schedule": {
             "total_steps": exp.total_steps,
@@ -56,6 +73,8 @@ def make_plan(cfg: ExperimentConfig, world: int = 1) -> dict[str, Any]:
             "delta": sched.delta,
             "t_end": sched.t_end,
             "num_mask_updates": sched.num_updates if dynamic else 0,
+            # where the planned density changes (gmp): the first step at each density
+            "density_timeline": [{"step": s, "global_density": d} for s, d, _ in points] if len(points) > 1 else [],
             "global_batch": cfg.data.batch_size * cfg.train.grad_accumulation * world,
             "world_size": world,
             "grad_accumulation": cfg.train.grad_accumulation,
@@ -82,6 +101,11 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"x {s['global_batch'] // (s['world_size'] * s['grad_accumulation'])}), delta {s['delta']}, t_end {s['t_end']}, "
         f"{s['num_mask_updates']} mask updates",
     ]
+    if s["density_timeline"]:
+        steps = s["density_timeline"]
+        shown = steps if len(steps) <= 8 else steps[:4] + steps[-4:]
+        lines.append("density over time (from step: density): " + ", ".join(
+            f"{p['step']}: {p['global_density']:.4f}" for p in shown) + (" ..." if len(steps) > 8 else ""))
     if plan["data"]["note"]:
         lines.append(f"note: {plan['data']['note']}")
     return "\n".join(lines)

@@ -25,7 +25,7 @@ from torch import nn
 from rigl_ds import checkpoint as ckpt
 from rigl_ds import faults
 from rigl_ds.config import ConfigError, ExperimentConfig, for_world, schedule_problems, to_yaml
-from rigl_ds.core import Sparsifier, build_sparsifier, forward_flops
+from rigl_ds.core import DENSE, Sparsifier, build_sparsifier, forward_flops
 from rigl_ds.data import Data, DataInfo, build_data, describe_data
 from rigl_ds.models import build_model
 from rigl_ds.stop import StopRequested, StopSignal
@@ -231,7 +231,7 @@ class Trainer:
         self.model, self.optimizer = self.rt.module, self.rt.optimizer
         self.is_main = self.rt.rank == 0
         self.sparsifier: Sparsifier | None = None
-        if cfg.sparsity.method != "dense":
+        if cfg.sparsity.method != DENSE:
             try:
                 self.sparsifier = build_sparsifier(self.model, self.optimizer, cfg.sparsity.to_core(cfg.train.seed),
                                                    total_steps=self.exp.total_steps, engine=self.rt.sparse_engine())
@@ -276,6 +276,7 @@ class Trainer:
             with torch.random.fork_rng(devices=[]):          # the copy's init draws nothing from the run's RNG
                 model = build_model(self.cfg.model, self.exp.info.num_classes, self.exp.info.input_shape)
                 f = forward_flops(model, torch.zeros((1, *self.exp.info.input_shape)), dens)
+        self._forward_flops = f
         return {"dense": f.dense, "sparse": f.sparse}
 
     def _prepare_run_dir(self) -> None:
@@ -344,6 +345,7 @@ class Trainer:
                 raise RunError("the checkpoint was saved without a sparsifier (a dense run)")
             # the optimizer state was saved together with these masks, so it is zero under them
             self.sparsifier.load_state_dict(state["sparsifier"], reset_optimizer_state=self.rt.name != "deepspeed")
+            self.flops["sparse"] = self._forward_flops.at(self.sparsifier.layer_densities())
         ckpt.set_rng_state(state["rng"])
         self.mix_gen.set_state(state["mix_gen"])
         self.mix_rng.bit_generator.state = state["mix_rng"]
@@ -507,6 +509,8 @@ class Trainer:
                     bar.update(1)
                     if self.sparsifier is not None and self.sparsifier.last_update and \
                             self.sparsifier.last_update["step"] == self.step - 1:
+                        # the counts may have changed (gmp): FLOPs from the next step on
+                        self.flops["sparse"] = self._forward_flops.at(self.sparsifier.layer_densities())
                         self._log_update(writer, self.step)
                     if self.step % cfg.logging.log_every == 0 or self.step == total:
                         window, window_t0 = self._log_window(writer, bar, window, window_t0)
@@ -589,6 +593,7 @@ class Trainer:
         upd = self.sparsifier.last_update
         writer.add_scalar("rigl/drop_fraction", upd["drop_fraction"], step)
         writer.add_scalar("rigl/churn", upd["churn"], step)
+        writer.add_scalar("sparsity/target_density", self.sparsifier.target_density, step)
         if self.cfg.logging.per_layer:
             for name, c in upd["churn_per_layer"].items():
                 writer.add_scalar(f"churn/{name}", c, step)

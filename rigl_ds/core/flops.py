@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +26,10 @@ class ForwardFlops:
     @property
     def inference_ratio(self) -> float:
         return self.sparse / self.dense if self.dense else 1.0
+
+    def at(self, densities: Mapping[str, float]) -> float:
+        """Sparse forward FLOPs of one example at other densities (layers not named count dense)."""
+        return sum(d * densities.get(name, 1.0) for name, (d, _) in self.per_layer.items())
 
 
 def _macs_per_example(module: nn.Module, out: Tensor) -> float:
@@ -91,24 +95,37 @@ def training_flops_ratio(
     total_steps: int,
     delta: int,
     t_end: int,
-    method: str,
+    dense_grad: bool,
 ) -> float:
-    """Training FLOPs of a run relative to dense training (3·f_D per step), per SPEC §7.
+    """Training FLOPs of a run at a constant density relative to dense training (3·f_D per
+    step), per SPEC §7.
 
-    RigL: (3·f_S·ΔT + 2·f_S + f_D)/(ΔT + 1) per step while t < T_end, 3·f_S after.
-    SET and static never need the dense gradient: 3·f_S every step. Dense: 1.
+    A method whose grow score reads the dense gradient (``dense_grad``, RigL):
+    (3·f_S·ΔT + 2·f_S + f_D)/(ΔT + 1) per step while t < T_end, 3·f_S after. Otherwise (SET,
+    static): 3·f_S every step.
     """
-    if method == "dense":
-        return 1.0
     if total_steps <= 0 or f_dense <= 0:
         raise ValueError("total_steps and f_dense must be positive")
     per_step_sparse = 3.0 * f_sparse
-    if method == "rigl":
+    if dense_grad:
         end = min(max(t_end, 0), total_steps)
         during = (3.0 * f_sparse * delta + 2.0 * f_sparse + f_dense) / (delta + 1)
         total = during * end + per_step_sparse * (total_steps - end)
-    elif method in ("set", "static"):
-        total = per_step_sparse * total_steps
     else:
-        raise ValueError(f"unknown method {method!r}; allowed: rigl, set, static, dense")
+        total = per_step_sparse * total_steps
+    return total / (3.0 * f_dense * total_steps)
+
+
+def timeline_flops_ratio(segments: Sequence[tuple[int, float]], f_dense: float, total_steps: int) -> float:
+    """Training FLOPs relative to dense of a run whose density changes (GMP): ``segments`` are
+    (first step, sparse forward FLOPs from that step on), in step order, the first at step 0; each
+    step costs 3·f_S of its segment (no dense gradient is read)."""
+    if total_steps <= 0 or f_dense <= 0:
+        raise ValueError("total_steps and f_dense must be positive")
+    if not segments or segments[0][0] != 0:
+        raise ValueError("segments must start at step 0")
+    total = 0.0
+    for i, (start, f) in enumerate(segments):
+        end = segments[i + 1][0] if i + 1 < len(segments) else total_steps
+        total += 3.0 * f * max(0, min(end, total_steps) - start)
     return total / (3.0 * f_dense * total_steps)

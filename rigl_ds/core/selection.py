@@ -18,30 +18,38 @@ import torch
 from torch import Tensor
 
 
-def drop_and_grow(mask: Tensor, drop_score: Tensor, grow_score: Tensor, k: int) -> Tensor:
-    """Return the new bool mask after dropping ``k`` active and growing ``k`` inactive positions.
+def drop_and_grow(mask: Tensor, drop_score: Tensor, grow_score: Tensor | None, k: int,
+                  k_grow: int | None = None) -> Tensor:
+    """The sort-based reference: the new bool mask after dropping ``k`` active positions and
+    growing ``k_grow`` (default ``k``) inactive ones. ``mask`` is not modified.
 
-    The active count is unchanged. ``mask`` is not modified.
+    With ``k_grow == k`` the active count is unchanged (RigL, SET); ``k_grow < k`` prunes (GMP).
+    ``grow_score`` may be None when nothing grows.
     """
+    k_grow = k if k_grow is None else k_grow
     if mask.dtype != torch.bool:
         raise TypeError(f"mask must be torch.bool, got {mask.dtype}")
-    if drop_score.shape != mask.shape or grow_score.shape != mask.shape:
+    if drop_score.shape != mask.shape or (grow_score is not None and grow_score.shape != mask.shape):
         raise ValueError(
-            f"score shapes {tuple(drop_score.shape)}, {tuple(grow_score.shape)} differ from the "
-            f"mask shape {tuple(mask.shape)}")
+            f"score shapes {tuple(drop_score.shape)}, {None if grow_score is None else tuple(grow_score.shape)} "
+            f"differ from the mask shape {tuple(mask.shape)}")
     flat = mask.reshape(-1)
     new = flat.clone()
     n_active = int(flat.sum())
     if k < 0 or k > n_active:
         raise ValueError(f"k must be in [0, n_active={n_active}], got {k}")
-    if k == 0:
-        return new.view(mask.shape)
-    active = flat.nonzero().squeeze(1)                       # ascending flat indices
-    order = torch.sort(drop_score.reshape(-1)[active], stable=True).indices[:k]
-    new[active[order]] = False
-    candidates = (~new).nonzero().squeeze(1)                 # ascending flat indices
-    order = torch.sort(grow_score.reshape(-1)[candidates], descending=True, stable=True).indices[:k]
-    new[candidates[order]] = True
+    if k_grow < 0 or k_grow > flat.numel() - n_active + k:
+        raise ValueError(f"k_grow must be in [0, {flat.numel() - n_active + k}], got {k_grow}")
+    if k_grow and grow_score is None:
+        raise ValueError(f"k_grow={k_grow} needs a grow score")
+    if k:
+        active = flat.nonzero().squeeze(1)                       # ascending flat indices
+        order = torch.sort(drop_score.reshape(-1)[active], stable=True).indices[:k]
+        new[active[order]] = False
+    if k_grow:
+        candidates = (~new).nonzero().squeeze(1)                 # ascending flat indices
+        order = torch.sort(grow_score.reshape(-1)[candidates], descending=True, stable=True).indices[:k_grow]
+        new[candidates[order]] = True
     return new.view(mask.shape)
 
 
@@ -122,33 +130,46 @@ def k_extreme_positions(values: Tensor, k: int, *, largest: bool, exclude: Tenso
     return cand[sel]
 
 
-def update_mask_with_changes(mask: Tensor, weight: Tensor, grow_score: Tensor, k: int
-                             ) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`update_mask`, also returning the flat positions that were dropped (old 1 -> new 0)
-    and newly grown (old 0 -> new 1); a position dropped and regrown is in neither."""
+def select_changes(mask: Tensor, drop_score: Tensor, grow_score: Tensor | None, k_drop: int, k_grow: int
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    """Fast drop-and-grow, exactly equal to ``drop_and_grow(mask, drop_score, grow_score, k_drop, k_grow)``,
+    also returning the flat positions dropped (old 1 -> new 0) and newly grown (old 0 -> new 1); a
+    position dropped and regrown is in neither.
+
+    No sorts: the drop selects among the active positions only, the grow among the positions
+    inactive after the drop, each by threshold-and-refine (:func:`k_extreme_positions`); exact
+    ties at either threshold go to the lower flat index, as in the reference.
+    """
     if mask.dtype != torch.bool:
         raise TypeError(f"mask must be torch.bool, got {mask.dtype}")
     flat = mask.reshape(-1)
     new = flat.clone()
     empty = torch.zeros(0, dtype=torch.long, device=mask.device)
-    if k == 0:
+    if k_drop == 0 and k_grow == 0:
         return new.view(mask.shape), empty, empty
-    active = flat.nonzero().view(-1)
-    if k > active.numel():
-        raise ValueError(f"k must be in [0, n_active={active.numel()}], got {k}")
-    magnitudes = weight.reshape(-1).index_select(0, active).abs_()
-    dropped = active[k_extreme_positions(magnitudes, k, largest=False)]
-    new[dropped] = False
-    grown = k_extreme_positions(grow_score.reshape(-1), k, largest=True, exclude=new)
-    new[grown] = True
+    dropped = empty
+    if k_drop:
+        active = flat.nonzero().view(-1)
+        if k_drop > active.numel():
+            raise ValueError(f"k must be in [0, n_active={active.numel()}], got {k_drop}")
+        scores = drop_score.reshape(-1).index_select(0, active)
+        dropped = active[k_extreme_positions(scores, k_drop, largest=False)]
+        new[dropped] = False
+    grown = empty
+    if k_grow:
+        if grow_score is None:
+            raise ValueError(f"k_grow={k_grow} needs a grow score")
+        grown = k_extreme_positions(grow_score.reshape(-1), k_grow, largest=True, exclude=new)
+        new[grown] = True
     return new.view(mask.shape), dropped[~new[dropped]], grown[~flat[grown]]
 
 
-def update_mask(mask: Tensor, weight: Tensor, grow_score: Tensor, k: int) -> Tensor:
-    """Fast drop-and-grow, exactly equal to ``drop_and_grow(mask, weight.abs(), grow_score, k)``.
+def update_mask_with_changes(mask: Tensor, weight: Tensor, grow_score: Tensor, k: int
+                             ) -> tuple[Tensor, Tensor, Tensor]:
+    """RigL's update (drop ``k`` of smallest |weight|, grow ``k``) through :func:`select_changes`."""
+    return select_changes(mask, weight.abs(), grow_score, k, k)
 
-    No sorts: the drop selects among the active weights only, the grow among the positions
-    inactive after the drop, each by threshold-and-refine (:func:`k_extreme_positions`); exact
-    ties at either threshold go to the lower flat index, as in the reference.
-    """
+
+def update_mask(mask: Tensor, weight: Tensor, grow_score: Tensor, k: int) -> Tensor:
+    """Fast drop-and-grow, exactly equal to ``drop_and_grow(mask, weight.abs(), grow_score, k)``."""
     return update_mask_with_changes(mask, weight, grow_score, k)[0]

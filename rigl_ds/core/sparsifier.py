@@ -29,12 +29,12 @@ from torch import Tensor, nn
 from .distributions import DISTRIBUTIONS, achieved_density, get_distribution, nnz_for
 from .engine import Engine
 from .layers import MaskedLayer, select_layers
+from .methods import get_method, method_names, register_method
 from .schedule import ANNEALS, UpdateSchedule
 from .selection import random_mask
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("rigl", "set", "static")
 STATE_VERSION = 1
 
 
@@ -48,6 +48,8 @@ class SparsityConfig:
     delta: int = 100
     alpha: float = 0.3
     t_end: float | int = 0.75             # fraction of total steps (float) or absolute step (int)
+    t_start: float | int = 0              # gmp: pruning starts here (fraction or step, as t_end)
+    initial_sparsity: float = 0.0         # gmp: sparsity at t_start (0: a dense start)
     anneal: str = "cosine"
     grad_accumulation_n: int = 1
     erk_power_scale: float = 1.0
@@ -55,12 +57,14 @@ class SparsityConfig:
     exclude: tuple[str, ...] = ()
     overrides: Mapping[str, float | str] = field(default_factory=dict)
     seed: int = 0
-    skip_step_on_update: bool = True      # official behaviour: no optimizer step on an update step
+    # no optimizer step on an update step; None: the method's default (RigL, SET: skip, as the
+    # official code; GMP: step)
+    skip_step_on_update: bool | None = None
     rezero_weights: bool | None = None    # None: only for optimizers not proven to keep zeros
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.method not in method_names():
+            raise ValueError(f"method must be one of {', '.join(method_names())}, got {self.method!r}")
         if self.distribution not in DISTRIBUTIONS:
             raise ValueError(
                 f"distribution must be one of {', '.join(DISTRIBUTIONS)}, got {self.distribution!r}")
@@ -69,6 +73,10 @@ class SparsityConfig:
         s = self.sparsity
         if isinstance(s, bool) or not isinstance(s, (int, float)) or math.isnan(s) or not 0.0 <= s < 1.0:
             raise ValueError(f"sparsity must be a number in [0, 1), got {s!r}")
+        s = self.initial_sparsity
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or math.isnan(s) or \
+                not 0.0 <= s <= self.sparsity:
+            raise ValueError(f"initial_sparsity must be a number in [0, sparsity={self.sparsity}], got {s!r}")
         object.__setattr__(self, "include", tuple(self.include))
         object.__setattr__(self, "exclude", tuple(self.exclude))
         object.__setattr__(self, "overrides", dict(self.overrides))
@@ -110,6 +118,46 @@ class Sparsifier:
     method = "static"
     updates = False          # does this method change masks during training?
     needs_dense_grad = False  # does its grow score read the dense gradient?
+    skips_step_on_update = True   # default of ``skip_step_on_update``
+
+    # ------------------------------------------------------------------ what a method defines
+    @classmethod
+    def make_schedule(cls, config: SparsityConfig, total_steps: int) -> Any:
+        """The count schedule: when masks change (``is_update_step``, ``update_steps``,
+        ``accumulates``, ``num_updates``) and the drop fraction (``drop_fraction``)."""
+        return UpdateSchedule.from_total_steps(
+            total_steps, delta=config.delta, t_end=config.t_end, alpha=config.alpha, anneal=config.anneal,
+            grad_accumulation_n=config.grad_accumulation_n)
+
+    @classmethod
+    def counts_at(cls, schedule: Any, final: Mapping[str, int], numel: Mapping[str, int], step: int) -> dict[str, int]:
+        """Active weights per layer in force at ``step`` (after every update before it). Pure: the
+        plan and the FLOPs count use it without a model. RigL, SET, static: the final counts always."""
+        return dict(final)
+
+    def counts(self, due_at: int) -> tuple[dict[str, tuple[int, int]], float]:
+        """How many positions each layer drops and grows at the update due at ``due_at`` (layers
+        that change nothing are left out), and the update's drop fraction (for logs).
+
+        RigL, SET: ``k = floor(f(t) * active)`` dropped and as many grown (SPEC §4); a dense layer
+        regrows exactly what it drops, so it is left out."""
+        f = self.schedule.drop_fraction(due_at)
+        out: dict[str, tuple[int, int]] = {}
+        for layer in self.layers:
+            n_active = self.nnz[layer.name]
+            k = math.floor(f * n_active)
+            if k and n_active != layer.numel:
+                out[layer.name] = (k, k)
+        return out, f
+
+    def drop_score(self, name: str) -> Tensor:
+        """Score of every position for dropping (smaller drops first): |weight| as the engine
+        keeps it for the optimizer (this rank's shard where masks are sharded)."""
+        return self.engine.weight(name).abs()
+
+    def grow_score(self, name: str, grads: Mapping[str, Tensor] | None) -> Tensor:
+        """Score of every position for growth; larger grows first. Called only for layers that grow."""
+        raise NotImplementedError(f"{type(self).__name__} grows nothing")
 
     def __init__(
         self,
@@ -129,11 +177,15 @@ class Sparsifier:
             raise ValueError("the model has no layer to mask (no Conv/Linear weight, or all excluded)")
         self.densities: dict[str, float] = get_distribution(cfg.distribution)(
             self.layers, cfg.sparsity, overrides=cfg.overrides, power_scale=cfg.erk_power_scale)
-        self.nnz: dict[str, int] = {l.name: nnz_for(l.numel, self.densities[l.name]) for l in self.layers}
+        #: the planned counts at the end of training (the distribution's)
+        self.final_nnz: dict[str, int] = {l.name: nnz_for(l.numel, self.densities[l.name]) for l in self.layers}
         self.shapes: dict[str, tuple[int, ...]] = {l.name: l.shape for l in self.layers}   # whole layers
-        self.schedule = UpdateSchedule.from_total_steps(
-            total_steps, delta=cfg.delta, t_end=cfg.t_end, alpha=cfg.alpha, anneal=cfg.anneal,
-            grad_accumulation_n=cfg.grad_accumulation_n)
+        self._numel = {l.name: l.numel for l in self.layers}
+        self.schedule = type(self).make_schedule(cfg, total_steps)
+        #: the counts in force now: every update checks the masks hold exactly these
+        self.nnz: dict[str, int] = type(self).counts_at(self.schedule, self.final_nnz, self._numel, 0)
+        skip = cfg.skip_step_on_update
+        self.skip_step_on_update: bool = type(self).skips_step_on_update if skip is None else bool(skip)
         if engine is None:
             from rigl_ds.engines.local import LocalEngine  # plain PyTorch; imports no torch.distributed
             engine = LocalEngine(model, optimizer)
@@ -187,12 +239,17 @@ class Sparsifier:
 
     @property
     def planned_density(self) -> float:
-        """The plan: active weights / all weights over the masked layers, after flooring each
-        layer's zeros. What the masks hold is :meth:`measure`."""
+        """The plan at the end of training: active weights / all weights over the masked layers,
+        after flooring each layer's zeros. What the masks hold is :meth:`measure`."""
         return achieved_density(self.layers, self.densities)
 
+    @property
+    def target_density(self) -> float:
+        """The counts in force now (they change over time for GMP) / all weights of the masked layers."""
+        return sum(self.nnz.values()) / sum(self._numel.values())
+
     def layer_densities(self) -> dict[str, float]:
-        """The planned density of each masked layer (nnz / numel): what FLOPs are counted with."""
+        """The density in force now of each masked layer (nnz / numel): what FLOPs are counted with."""
         return {l.name: self.nnz[l.name] / l.numel for l in self.layers}
 
     @torch.no_grad()
@@ -248,7 +305,7 @@ class Sparsifier:
                 self._update(t, due_at, grads)
                 self._pending = None
                 updated = True
-        if updated and self.config.skip_step_on_update:
+        if updated and self.skip_step_on_update:
             self._step += 1
             return False
         self.engine.mask_grads()
@@ -277,21 +334,13 @@ class Sparsifier:
             self._score_count += 1
         return grads
 
-    def grow_score(self, name: str, grads: Mapping[str, Tensor] | None) -> Tensor:
-        """Score of every position for growth; larger grows first. Overridden by subclasses."""
-        raise NotImplementedError
-
     def _update(self, t: int, due_at: int, grads: Mapping[str, Tensor] | None) -> None:
-        """Drop/grow every layer with f(due_at), sync the masks, apply them to weights and state."""
-        fraction = self.schedule.drop_fraction(due_at)
+        """Drop/grow the counts of the update due at ``due_at``, sync the masks, apply them to
+        weights and optimizer state, check every layer's active count."""
         self.engine.check_masks(self.masks)      # the masks we start from agree on every rank
-        ks: dict[str, int] = {}
-        for layer in self.layers:
-            n_active = self.nnz[layer.name]
-            k = math.floor(fraction * n_active)
-            if k and n_active != layer.numel:       # a dense layer regrows exactly what it drops
-                ks[layer.name] = k
-        chosen = self.engine.select(self.masks, ks, lambda name: self.grow_score(name, grads))
+        ks, fraction = self.counts(due_at)
+        expected = {n: self.nnz[n] - kd + kg for n, (kd, kg) in ks.items()}
+        chosen = self.engine.select(self.masks, ks, self.drop_score, lambda name: self.grow_score(name, grads))
         new_masks = {n: c[0] for n, c in chosen.items()}
         changes = {n: (c[1], c[2]) for n, c in chosen.items()}
         self.engine.sync_masks(new_masks)
@@ -305,15 +354,16 @@ class Sparsifier:
         grown_total = 0
         for i, name in enumerate(names):
             active, grown = int(counts[i, 0]), int(counts[i, 1])
-            if active != self.nnz[name]:
+            if active != expected[name]:
                 raise RuntimeError(f"step {t}: layer {name!r} has {active} active weights after the mask update, "
-                                   f"expected {self.nnz[name]}")
+                                   f"expected {expected[name]}")
             old, new = self.masks[name], new_masks[name]
             dropped, grown_idx = changes[name]
             self.engine.apply_update(name, old, new, dropped, grown_idx)
             old.copy_(new)
             grown_total += grown
-            per_layer[name] = grown / self.nnz[name]
+            self.nnz[name] = expected[name]
+            per_layer[name] = grown / expected[name] if expected[name] else 0.0
         active_total = sum(self.nnz.values())
         self.last_update = {
             "step": t, "due_step": due_at, "drop_fraction": fraction,
@@ -363,12 +413,15 @@ class Sparsifier:
             if m.dtype != torch.bool or tuple(m.shape) != here:
                 raise ValueError(
                     f"mask {layer.name!r}: expected bool {here}, got {m.dtype} {tuple(m.shape)}")
+        step = int(state["step"])
+        want = type(self).counts_at(self.schedule, self.final_nnz, self._numel, step)
         active = self.engine.total(torch.stack([torch.count_nonzero(masks[l.name]).cpu() for l in self.layers]))
         for layer, n in zip(self.layers, active.tolist()):
-            if n != self.nnz[layer.name]:
+            if n != want[layer.name]:
                 raise ValueError(
                     f"mask {layer.name!r} has {n} active weights, this sparsifier expects "
-                    f"{self.nnz[layer.name]} (another sparsity or distribution?)")
+                    f"{want[layer.name]} at step {step} (another sparsity, distribution or schedule?)")
+        self.nnz = want
         for layer in self.layers:
             self.masks[layer.name].copy_(masks[layer.name])
             w = self.engine.weight(layer.name)
@@ -378,7 +431,7 @@ class Sparsifier:
             self.engine.apply_mask(layer.name, self.masks[layer.name])
             if reset_optimizer_state:
                 self.engine.reset_optimizer_state(layer.name, self.masks[layer.name])
-        self._step = int(state["step"])
+        self._step = step
         self._pending = state["pending"]
         self.generator.set_state(state["generator"])
         score = state.get("score")
@@ -391,6 +444,7 @@ class Sparsifier:
         self.last_update = state.get("last_update")
 
 
+@register_method
 class Static(Sparsifier):
     """Fixed random sparse mask: never updated."""
 
@@ -398,6 +452,7 @@ class Static(Sparsifier):
     updates = False
 
 
+@register_method
 class SET(Static):
     """Sparse Evolutionary Training: drop by magnitude, grow at random positions."""
 
@@ -409,6 +464,7 @@ class SET(Static):
         return self.engine.shard(name, torch.rand(self.shapes[name], generator=self.generator)).to(mask.device)
 
 
+@register_method
 class RigL(SET):
     """RigL: drop by magnitude, grow by |dense gradient| (averaged over ``grad_accumulation_n`` steps)."""
 
@@ -422,9 +478,6 @@ class RigL(SET):
         return grads[name].abs()
 
 
-_BY_METHOD: dict[str, type[Sparsifier]] = {"static": Static, "set": SET, "rigl": RigL}
-
-
 def build_sparsifier(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None,
@@ -433,5 +486,5 @@ def build_sparsifier(
     total_steps: int,
     engine: Engine | None = None,
 ) -> Sparsifier:
-    """The sparsifier class named by ``config.method``."""
-    return _BY_METHOD[config.method](model, optimizer, total_steps=total_steps, config=config, engine=engine)
+    """The sparsifier class registered under ``config.method``."""
+    return get_method(config.method)(model, optimizer, total_steps=total_steps, config=config, engine=engine)

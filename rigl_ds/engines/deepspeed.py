@@ -75,6 +75,7 @@ class DeepSpeedEngineAdapter(WholeMasks):
         self._hook_handles: list = []
         self._post_step: list[Callable[[], None]] = []
         self._dense_passed = False
+        self._changed_since_backward = False     # masks changed after the hook masked this step's gradients
         self.dense_grad_wanted: Callable[[], bool] = lambda: True
 
     def _param(self, name: str) -> nn.Parameter:
@@ -160,12 +161,15 @@ class DeepSpeedEngineAdapter(WholeMasks):
         """From the synchronised masks, through the safe_* accessors."""
         self.apply_mask(name, new)
         self.reset_optimizer_state(name, old & new)
+        self._changed_since_backward = True
         faults.point("mask_update")
 
     @torch.no_grad()
     def mask_grads(self) -> None:
-        """Gradients let through dense for a grow score are masked now; others were masked by the hook."""
-        if not self._dense_passed:
+        """Gradients let through dense for a grow score, or masked by the hook under masks that have
+        changed since (a method that steps on an update step: GMP), are masked now; others were
+        masked by the hook."""
+        if not (self._dense_passed or self._changed_since_backward):
             return
         u = _ds_utils()
         for layer in self._layers:
@@ -173,7 +177,7 @@ class DeepSpeedEngineAdapter(WholeMasks):
             g = u.safe_get_full_grad(p)
             if g is not None:
                 u.safe_set_full_grad(p, g * self._masks[layer.name].to(g.device))
-        self._dense_passed = False
+        self._dense_passed = self._changed_since_backward = False
 
     def mask_weights(self) -> None:
         for layer in self._layers:
@@ -211,7 +215,7 @@ class DeepSpeedEngineAdapter(WholeMasks):
 
     def step(self, apply: bool = True) -> None:
         """``engine.step()`` at an accumulation boundary; ``apply=False`` skips the optimizer update."""
-        self._dense_passed = False
+        self._dense_passed = self._changed_since_backward = False
         if apply:
             self.ds.step()
         else:

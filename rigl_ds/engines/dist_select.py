@@ -104,27 +104,40 @@ def select_global(scores: Tensor, eligible: Tensor, offset: int, k: int, *, larg
     return select_global_many([Query(scores, eligible, offset, k, largest, numel)], group)[0]
 
 
-def drop_and_grow_sharded_many(layers: Sequence[tuple[Tensor, Tensor, Tensor, int, int, int | None]],
-                               group=None) -> list[tuple[Tensor, Tensor, Tensor]]:
-    """RigL's drop/grow on this rank's shards of several layers, exact over all ranks: per layer
-    ``(weight, mask, grow_score, offset, k, numel)``, drop the ``k`` active positions of smallest
-    |weight|, then grow the ``k`` positions of largest ``grow_score`` among those inactive after the
-    drop (a just-dropped one may regrow). Returns per layer (new local mask, dropped local flat
-    indices, grown local flat indices). Four collectives in all, whatever the number of layers."""
-    dropped = select_global_many([Query(w.abs(), m, off, k, False, n) for w, m, _, off, k, n in layers], group)
+def select_sharded_many(layers: Sequence[tuple[Tensor, Tensor, Tensor | None, int, int, int, int | None]],
+                        group=None) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """:func:`rigl_ds.core.selection.select_changes` on this rank's shards of several layers, exact
+    over all ranks: per layer ``(mask, drop_score, grow_score, offset, k_drop, k_grow, numel)``, drop
+    the ``k_drop`` active positions of smallest ``drop_score``, then grow the ``k_grow`` of largest
+    ``grow_score`` among those inactive after the drop (a just-dropped one may regrow). The counts
+    are global (every rank passes the same). Returns per layer (new local mask, dropped local flat
+    indices, grown local flat indices; a position dropped and regrown is in both). Four collectives in all, whatever the number of layers
+    (two when nothing grows)."""
+    dropped = select_global_many([Query(d, m, off, kd, False, n) for m, d, _, off, kd, _, n in layers], group)
     after = []
-    for (w, m, _, _, _, _), d in zip(layers, dropped):
+    for (m, *_), d in zip(layers, dropped):
         a = m.reshape(-1).clone()
         a[d] = False
         after.append(a)
-    grown = select_global_many([Query(s, ~a, off, k, True, n) for (_, _, s, off, k, n), a in zip(layers, after)],
-                               group)
+    grown: list[Tensor] = [torch.zeros(0, dtype=torch.long, device=a.device) for a in after]
+    if any(kg for *_, kg, _ in layers):
+        queries = [Query(s if s is not None else torch.zeros(a.shape, device=a.device), ~a, off, kg, True, n)
+                   for (_, _, s, off, _, kg, n), a in zip(layers, after)]
+        grown = select_global_many(queries, group)
     out = []
-    for (_, m, _, _, _, _), a, d, g in zip(layers, after, dropped, grown):
+    for (m, *_), a, d, g in zip(layers, after, dropped, grown):
         new = a.clone()
         new[g] = True
         out.append((new.view_as(m), d, g))
     return out
+
+
+def drop_and_grow_sharded_many(layers: Sequence[tuple[Tensor, Tensor, Tensor, int, int, int | None]],
+                               group=None) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """RigL's drop/grow on this rank's shards of several layers: per layer ``(weight, mask,
+    grow_score, offset, k, numel)``, :func:`select_sharded_many` with ``|weight|`` as the drop score
+    and ``k`` dropped and grown."""
+    return select_sharded_many([(m, w.abs(), s, off, k, k, n) for w, m, s, off, k, n in layers], group)
 
 
 def drop_and_grow_sharded(weight: Tensor, mask: Tensor, grow_score: Tensor, offset: int, k: int,

@@ -28,9 +28,9 @@ from torch.distributed.tensor import DTensor, Shard
 
 from rigl_ds import faults
 from rigl_ds.core.layers import MaskedLayer
-from rigl_ds.core.selection import update_mask_with_changes
+from rigl_ds.core.selection import select_changes
 
-from .dist_select import drop_and_grow_sharded_many
+from .dist_select import select_sharded_many
 from .local import LocalEngine, zero_at
 
 SELECTIONS = ("sharded", "gather")
@@ -124,20 +124,22 @@ class FSDP2Engine(LocalEngine):
         return t
 
     # ---------------------------------------------------------------- the update
-    def select(self, masks: Mapping[str, Tensor], k: Mapping[str, int], grow_score: Callable[[str], Tensor]
+    def select(self, masks: Mapping[str, Tensor], counts: Mapping[str, tuple[int, int]],
+               drop_score: Callable[[str], Tensor], grow_score: Callable[[str], Tensor]
                ) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
         out: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
         if self.selection == "gather":          # the reference: whole layers, one at a time
-            for name, kn in k.items():
+            for name, (kd, kg) in counts.items():
                 offset, n, shape, _ = self._layout(name)
-                full = [self._gather(t, name) for t in (masks[name], self.weight(name), grow_score(name))]
-                new = update_mask_with_changes(full[0], full[1], full[2], kn)[0]
+                full_mask, full_drop = self._gather(masks[name], name), self._gather(drop_score(name), name)
+                full_grow = self._gather(grow_score(name), name) if kg else None
+                new = select_changes(full_mask, full_drop, full_grow, kd, kg)[0]
                 out[name] = self._changes(masks[name], new.reshape(-1)[offset:offset + n].reshape(shape).clone())
             return out
         # every layer in the same 4 collectives; the score shards of all layers are alive together
-        layers = [(self.weight(name), masks[name], grow_score(name), self._layout(name)[0], kn, self._layout(name)[3])
-                  for name, kn in k.items()]
-        for name, (new, _, _) in zip(k, drop_and_grow_sharded_many(layers, group=self._group)):
+        layers = [(masks[name], drop_score(name), grow_score(name) if kg else None, self._layout(name)[0], kd, kg,
+                   self._layout(name)[3]) for name, (kd, kg) in counts.items()]
+        for name, (new, _, _) in zip(counts, select_sharded_many(layers, group=self._group)):
             out[name] = self._changes(masks[name], new)
         return out
 

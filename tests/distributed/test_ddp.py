@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from rigl_ds import RigL
+from rigl_ds.core import get_method
 from tests.distributed.harness import run_ranks
 from tests.helpers import assert_grown_state_reset, batch, make_nobn, poison_inactive
 
@@ -25,12 +26,12 @@ def check_invariants(model, opt, sp):
                 assert torch.count_nonzero(st[~mask]) == 0, (name, key)
 
 
-def single_process(dtype=torch.float64, model=None, data=None):
+def single_process(dtype=torch.float64, model=None, data=None, method="rigl"):
     """The reference run in one process: masks at each update, final weights, the last update's record."""
     model = make_nobn(dtype=dtype) if model is None else model
     data = (lambda t: batch(t, dtype=dtype)) if data is None else data
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
-    sp = RigL(model, opt, total_steps=STEPS, sparsity=0.8, delta=DELTA, grad_accumulation_n=2)
+    sp = get_method(method)(model, opt, total_steps=STEPS, sparsity=0.8, delta=DELTA, grad_accumulation_n=2)
     masks = []
     for t in range(STEPS):
         x, y = data(t)
@@ -60,7 +61,7 @@ def states(model, opt, sp) -> dict[str, list[torch.Tensor]]:
             for n, m in sp.masks.items()}
 
 
-def ddp_worker(rank, world, packed, channels_last=False):
+def ddp_worker(rank, world, packed, channels_last=False, method="rigl"):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from rigl_ds.engines.ddp import DDPEngine
@@ -71,7 +72,8 @@ def ddp_worker(rank, world, packed, channels_last=False):
     ddp = DDP(model)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
     engine = DDPEngine(ddp, opt, packed_allreduce=packed)
-    sp = RigL(model, opt, total_steps=STEPS, sparsity=0.8, delta=DELTA, grad_accumulation_n=2, engine=engine)
+    sp = get_method(method)(model, opt, total_steps=STEPS, sparsity=0.8, delta=DELTA, grad_accumulation_n=2,
+                            engine=engine)
     masks, traffic, grown = [], [], 0
     for t in range(STEPS):
         x, y = batch(t, dtype=torch.float64)
@@ -94,29 +96,38 @@ def ddp_worker(rank, world, packed, channels_last=False):
                 g = params[n].grad
                 assert torch.count_nonzero(g[~m]) == 0, (t, n, "inactive gradient entries after backward")
                 torch.testing.assert_close(g[m], ref_grads[n][m], rtol=1e-9, atol=1e-12)
-        updating = sp.is_update_step() and t > 0
+        # the poison check of grown positions' state, for methods that grow (and so skip the step:
+        # the poison left at inactive positions is cleared before any optimizer step reads it)
+        updating = sp.is_update_step() and t > 0 and sp.skip_step_on_update
         if updating:
             before = poison_inactive(states(model, opt, sp), sp.masks)
+        active = sum(int(m.sum()) for m in sp.masks.values())        # the masks the hook packed with
         if sp.step():
             opt.step()
         if updating:
             grown += assert_grown_state_reset(states(model, opt, sp), before, sp.masks)
         check_invariants(model, opt, sp)
         if engine.comm:
-            traffic.append((t, dense_wanted, engine.comm.bytes_this_step, engine.comm.dense_bytes_this_step))
+            traffic.append((t, dense_wanted, engine.comm.bytes_this_step, engine.comm.dense_bytes_this_step, active))
         if sp.last_update and sp.last_update["step"] == t:
             masks.append({n: m.clone() for n, m in sp.masks.items()})
-    assert grown > 0
+    assert (grown > 0) == (method != "gmp")       # gmp only prunes
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     return masks, weights, traffic, sp.measure().mask_density
 
 
-@pytest.mark.parametrize("packed,channels_last", [(False, False), (True, False), (True, True)],
-                         ids=["dense-allreduce", "packed-allreduce", "packed-allreduce-channels-last"])
-def test_ddp_two_ranks_equal_single_process(packed, channels_last):
-    ref_masks, ref_w, _ = single_process()
-    results = run_ranks(ddp_worker, packed, channels_last)
-    assert len(ref_masks) == (STEPS * 3 // 4 - 1) // DELTA == 4
+@pytest.mark.parametrize("packed,channels_last,method", [(False, False, "rigl"), (True, False, "rigl"),
+                                                         (True, True, "rigl"), (True, False, "gmp")],
+                         ids=["dense-allreduce", "packed-allreduce", "packed-allreduce-channels-last",
+                              "packed-allreduce-gmp"])
+def test_ddp_two_ranks_equal_single_process(packed, channels_last, method):
+    ref_masks, ref_w, _ = single_process(method=method)
+    results = run_ranks(ddp_worker, packed, channels_last, method)
+    if method == "gmp":               # dense start, prunes at 5, 10, ..., 25 (t_end 22): counts only fall
+        counts = [sum(int(m.sum()) for m in ms.values()) for ms in ref_masks]
+        assert len(counts) == 5 and counts == sorted(counts, reverse=True) and len(set(counts)) == 5
+    else:
+        assert len(ref_masks) == (STEPS * 3 // 4 - 1) // DELTA == 4
     for masks, weights, traffic, density in results:
         assert_equal_run(masks, weights, ref_masks, ref_w)
     # both ranks hold bit-identical weights
@@ -124,17 +135,19 @@ def test_ddp_two_ranks_equal_single_process(packed, channels_last):
         assert torch.equal(results[0][1][n], results[1][1][n])
     if packed:
         traffic = results[0][2]
-        ordinary = [(b, d) for _, wanted, b, d in traffic if not wanted]
-        dense = [(b, d) for _, wanted, b, d in traffic if wanted]
-        assert len(dense) == 8 and all(b == d for b, d in dense)   # steps feeding the 4 updates: dense
+        ordinary = [(b, d, a) for _, wanted, b, d, a in traffic if not wanted]
+        dense = [(b, d) for _, wanted, b, d, _ in traffic if wanted]
+        # steps feeding the 4 updates: dense (gmp reads no gradient)
+        assert len(dense) == (8 if method == "rigl" else 0) and all(b == d for b, d in dense)
         masked_numel = sum(m.numel() for m in ref_masks[0].values())
         total_numel = sum(w.numel() for w in ref_w.values())
-        active = results[0][3] * masked_numel + (total_numel - masked_numel)
-        for b, d in ordinary:
+        for b, d, a in ordinary:
             assert d == total_numel * 8
-            assert b == active * 8                                     # exactly the active entries
-        print(f"\npacked all-reduce: {ordinary[0][0]} of {ordinary[0][1]} bytes per ordinary step "
-              f"({ordinary[0][0] / ordinary[0][1]:.3f}; masked-layer density {results[0][3]:.3f})")
+            assert b == (a + total_numel - masked_numel) * 8          # exactly the active entries
+        if method == "gmp":
+            assert ordinary[0][0] == ordinary[0][1] and ordinary[-1][0] < ordinary[-1][1] / 2
+        print(f"\npacked all-reduce: {ordinary[-1][0]} of {ordinary[-1][1]} bytes per ordinary step "
+              f"({ordinary[-1][0] / ordinary[-1][1]:.3f}; masked-layer density {results[0][3]:.3f})")
 
 
 def packed_vs_dense_worker(rank, world):

@@ -3,7 +3,8 @@ import torch
 import torchvision
 from torch import nn
 
-from rigl_ds.core import forward_flops, get_distribution, nnz_for, select_layers, training_flops_ratio
+from rigl_ds.core import (forward_flops, get_distribution, nnz_for, select_layers, timeline_flops_ratio,
+                          training_flops_ratio)
 
 
 def test_hand_counted_conv_linear_net():
@@ -25,13 +26,27 @@ def test_hand_counted_conv_linear_net():
 def test_training_ratio_formula():
     fs, fd = 1.0, 10.0
     # RigL: (3 fs dT + 2 fs + fd)/(dT + 1) for t < T_end, 3 fs after; over 3 fd per step
-    r = training_flops_ratio(fs, fd, total_steps=1000, delta=100, t_end=800, method="rigl")
+    r = training_flops_ratio(fs, fd, total_steps=1000, delta=100, t_end=800, dense_grad=True)
     during = (3 * 100 + 2 + 10) / 101
     assert r == pytest.approx((during * 800 + 3 * 200) / (30 * 1000))
-    assert training_flops_ratio(fs, fd, total_steps=1000, delta=100, t_end=800, method="set") == pytest.approx(0.1)
-    assert training_flops_ratio(fs, fd, total_steps=1000, delta=100, t_end=800, method="dense") == 1.0
-    with pytest.raises(ValueError, match="'magic'"):
-        training_flops_ratio(fs, fd, total_steps=10, delta=1, t_end=1, method="magic")
+    assert training_flops_ratio(fs, fd, total_steps=1000, delta=100, t_end=800, dense_grad=False) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="positive"):
+        training_flops_ratio(fs, fd, total_steps=0, delta=1, t_end=1, dense_grad=False)
+
+
+def test_timeline_ratio_sums_each_segment():
+    # dense for 100 steps, then f=4 for 50, then f=1 to the end (1000 steps); dense f = 10
+    r = timeline_flops_ratio([(0, 10.0), (100, 4.0), (150, 1.0)], 10.0, 1000)
+    assert r == pytest.approx((100 * 10 + 50 * 4 + 850 * 1) / (10 * 1000))
+    with pytest.raises(ValueError, match="step 0"):
+        timeline_flops_ratio([(5, 1.0)], 10.0, 10)
+
+
+def test_forward_flops_at_other_densities():
+    model = nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 2))
+    f = forward_flops(model, torch.randn(1, 8), {"0.weight": 0.5})
+    assert f.at({"0.weight": 0.25, "1.weight": 0.5}) == pytest.approx(2 * 32 * 0.25 + 2 * 8 * 0.5)
+    assert f.at({}) == f.dense
 
 
 @pytest.mark.parametrize("dist,sparsity,official", [

@@ -30,7 +30,7 @@ def test_plan_json_hand_counted(tmp_path, capsys):
     fs, fd = f["sparse_forward"], f["dense_forward"]
     # digits: 1797 - 360 test = 1437 train -> 44 batches of 32 per epoch, 88 steps, t_end 66
     assert plan["schedule"] == {"total_steps": 88, "steps_per_epoch": 44, "epochs": 2.0, "delta": 10, "t_end": 66,
-                                "num_mask_updates": 6, "global_batch": 32,
+                                "num_mask_updates": 6, "density_timeline": [], "global_batch": 32,
                                 "world_size": 1, "grad_accumulation": 1}
     expected = ((3 * fs * 10 + 2 * fs + fd) / 11 * 66 + 3 * fs * 22) / (3 * fd * 88)
     assert f["train_ratio"] == pytest.approx(expected)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rigl_ds import SET, RigL, Static
+from rigl_ds.core import GMP
 from rigl_ds.core.selection import drop_and_grow
 from tests.helpers import batch, make, train_steps
 
@@ -325,7 +326,7 @@ def test_lr_scheduler_created_before_or_after(order):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("cls,n", [(RigL, 1), (RigL, 3), (SET, 1)])
+@pytest.mark.parametrize("cls,n", [(RigL, 1), (RigL, 3), (SET, 1), (GMP, 1)])
 def test_state_dict_round_trip_mid_run_continues_identically(cls, n):
     total, cut = 40, 19                                   # step 19 lies inside the window of 20
 
