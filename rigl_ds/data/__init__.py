@@ -18,7 +18,10 @@ reads the same per-epoch order through its sharded file reader.
 """
 from __future__ import annotations
 
+import atexit
 import math
+import multiprocessing
+import multiprocessing.util  # noqa: F401  (registers its exit handler now: ours must come after it)
 import pathlib
 import signal
 from dataclasses import dataclass
@@ -146,16 +149,14 @@ class LoaderData(Data):
         # the loader draws its workers' base seed from ``generator``, not from the global RNG: creating
         # one (every epoch, and mid-epoch on resume) must not move the RNG that the model trains with
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch * 1009 + self.rank)
-        return _plain_errors(DataLoader(self.train_set, batch_sampler=sampler, num_workers=self.num_workers,
-                                        persistent_workers=False, pin_memory=torch.cuda.is_available(),
-                                        generator=gen, worker_init_fn=ignore_stop_signals))
+        return _plain_errors(_loader(self.train_set, batch_sampler=sampler, num_workers=self.num_workers,
+                                     persistent_workers=False, pin_memory=torch.cuda.is_available(), generator=gen))
 
     def val_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         sampler = EpochBatchSampler(len(self.val_set), self.eval_batch_size, seed=0, epoch=0, rank=self.rank,
                                     world=self.world, shuffle=False, drop_last=False)
-        return _plain_errors(DataLoader(self.val_set, batch_sampler=sampler, num_workers=self.num_workers,
-                                        generator=torch.Generator().manual_seed(self.rank),
-                                        worker_init_fn=ignore_stop_signals))
+        return _plain_errors(_loader(self.val_set, batch_sampler=sampler, num_workers=self.num_workers,
+                                     generator=torch.Generator().manual_seed(self.rank)))
 
 
 def ignore_stop_signals(worker_id: int) -> None:
@@ -167,14 +168,61 @@ def ignore_stop_signals(worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
+def _loader(dataset: Dataset, **kwargs) -> DataLoader:
+    """A DataLoader whose workers ignore stop signals (:func:`ignore_stop_signals`)."""
+    if kwargs.get("num_workers"):
+        _reap_at_exit()
+    return DataLoader(dataset, worker_init_fn=ignore_stop_signals, **kwargs)
+
+
+_REAPER: list[bool] = []
+
+
+def _reap_at_exit() -> None:
+    """Register (once) :func:`_kill_abandoned_workers` to run before multiprocessing's own exit
+    handler (atexit runs handlers last-registered first; multiprocessing registered its own when
+    imported, before this)."""
+    if not _REAPER:
+        atexit.register(_kill_abandoned_workers)
+        _REAPER.append(True)
+
+
+def _kill_abandoned_workers(grace: float = 2.0) -> None:
+    """At interpreter exit: end the workers of loaders still open (an epoch cut short by an error or
+    a stop, an iterator held by a traceback). multiprocessing's own exit handler, which runs next,
+    sends every daemonic child SIGTERM and then waits for it: our workers ignore SIGTERM, so the
+    process would never exit. Here daemonic children get SIGTERM as there, and those still alive
+    after ``grace`` seconds (ours) get SIGKILL."""
+    import time
+
+    children = [p for p in multiprocessing.active_children() if p.daemon]
+    if not children:
+        return
+    if hasattr(signal, "SIGCHLD"):      # torch's handler would raise on a worker ended by a signal
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for p in children:
+        p.terminate()
+    deadline = time.monotonic() + grace
+    for p in children:
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join(timeout=10)
+
+
 def _plain_errors(loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Batches of ``loader``; a DataError raised in a worker process keeps its own message only
     (DataLoader prefixes the worker's traceback)."""
+    it = iter(loader)
     try:
-        yield from loader
+        yield from it
     except DataError as e:
         last = str(e).strip().splitlines()[-1]
         raise DataError(last.removeprefix(f"{DataError.__module__}.DataError: ")) from None
+    finally:       # the workers end now, not when the last reference to a traceback is dropped
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
 
 # --------------------------------------------------------------------------------- sources

@@ -52,3 +52,23 @@ def test_a_hung_launcher_is_killed_with_its_children(tmp_path):
         time.sleep(0.1)
     else:
         pytest.fail(f"child {child} of the timed-out command is still running")
+
+
+def test_a_process_exits_with_a_data_loader_still_open(tmp_path):
+    """DataLoader workers ignore stop signals (a rank finishes its step first); multiprocessing's exit
+    handler SIGTERMs them and waits: without rigl_ds's own exit handler, a process that ends with a
+    loader still open (a run stopped mid-epoch, an iterator held by a traceback) never exits. This
+    once kept the whole suite from exiting after its last test."""
+    script = tmp_path / "open_loader.py"
+    script.write_text(
+        "import torch\n"
+        "from rigl_ds.config import DataSection\n"
+        "from rigl_ds.data import build_data\n"
+        "data = build_data(DataSection(name='digits', num_workers=2, batch_size=16), seed=0, rank=0, world=1,\n"
+        "                  device=torch.device('cpu'))\n"
+        "it = iter(data.train_batches(0))\n"
+        "next(it)\n"
+        "print('one batch read; exiting with the loader open', flush=True)\n")
+    out = procs.run([sys.executable, str(script)], timeout=300)     # a hang fails here, its group killed
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "one batch read" in out.stdout and "Traceback" not in out.stderr, out.stderr[-3000:]
