@@ -29,7 +29,7 @@ def _user_errors():
     from rigl_ds.config import ConfigError
     from rigl_ds.data import DataError
     from rigl_ds.engines.dist_utils import MaskDivergenceError
-    from rigl_ds.engines.runtime import EngineError
+    from rigl_ds.engines import EngineError
     from rigl_ds.train import RunError
 
     return (ConfigError, DataError, RunError, CheckpointError, EngineError, MaskDivergenceError)

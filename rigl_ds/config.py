@@ -19,6 +19,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 from rigl_ds.core import DENSE, get_method, method_names
 from rigl_ds.core.distributions import DISTRIBUTIONS
 from rigl_ds.core.sparsifier import SparsityConfig as CoreSparsityConfig
+from rigl_ds.engines import engine_names
 
 MODELS = ("small_cnn", "mlp", "resnet18", "resnet50")
 
@@ -179,7 +180,7 @@ class TrainSection(_Strict):
 
 
 class EngineSection(_Strict):
-    name: Literal["local", "ddp", "deepspeed", "fsdp2"] = "local"
+    name: Literal[engine_names()] = "local"           # the backends of rigl_ds.engines.BACKENDS
     deepspeed_config: Optional[str] = None          # DeepSpeed JSON (no RigL keys in it)
     packed_allreduce: bool = True                   # ddp: all-reduce only active gradient entries
     mask_sync: Literal["broadcast", "verify"] = "broadcast"

@@ -27,6 +27,7 @@ from rigl_ds import faults
 from rigl_ds.config import ConfigError, ExperimentConfig, for_world, schedule_problems, to_yaml
 from rigl_ds.core import DENSE, Sparsifier, build_sparsifier, forward_flops
 from rigl_ds.data import Data, DataInfo, build_data, describe_data
+from rigl_ds.engines import get_backend
 from rigl_ds.models import build_model
 from rigl_ds.stop import StopRequested, StopSignal
 
@@ -175,9 +176,9 @@ def build_experiment(cfg: ExperimentConfig, *, with_data: bool = True, device: t
                                f"{cfg.model.kwargs}: cannot build the model: {type(e).__name__}: {e}"]) from None
     if not meta:
         model = model.to(device)
-        # DeepSpeed broadcasts and flattens parameters through byte views, which need contiguous
-        # (NCHW) weights; channels-last inputs alone still select channels-last convolutions
-        if cfg.model.channels_last and cfg.engine.name not in ("deepspeed", "fsdp2"):
+        # some backends flatten parameters (DeepSpeed through byte views, FSDP2 into shards) and need
+        # contiguous (NCHW) weights; channels-last inputs alone still select channels-last convolutions
+        if cfg.model.channels_last and get_backend(cfg.engine.name).keeps_channels_last:
             model = model.to(memory_format=torch.channels_last)
     return Experiment(cfg=cfg, info=info, model=model, steps_per_epoch=spe, total_steps=total, data=data,
                       device=device)
@@ -213,21 +214,20 @@ class Trainer:
     """Runs an :class:`Experiment`: the loop, logging, evaluation and checkpoints."""
 
     def __init__(self, cfg: ExperimentConfig) -> None:
-        from rigl_ds.engines.runtime import build_runtime, init_distributed
-
+        backend = get_backend(cfg.engine.name)
         self.cfg = cfg
         if cfg.precision.dtype == "fp16" and not torch.cuda.is_available():
             raise RunError("precision.dtype='fp16' needs a CUDA GPU; use 'fp32' (or 'bf16') on CPU")
         rank, world = 0, 1
-        if cfg.engine.name != "local":
-            init_distributed(cfg.engine.name)
+        if backend.distributed:
+            backend.init_process_group()
             import torch.distributed as dist
 
             rank, world = dist.get_rank(), dist.get_world_size()
         self.cfg = cfg = for_world(cfg, world)
         self.exp = build_experiment(cfg, rank=rank, world=world)
         self.data, self.device = self.exp.data, self.exp.device
-        self.rt = build_runtime(cfg, self.exp.model, lambda m: build_optimizer(cfg, m), self.device)
+        self.rt = backend.create(cfg, self.exp.model, lambda m: build_optimizer(cfg, m), self.device)
         self.model, self.optimizer = self.rt.module, self.rt.optimizer
         self.is_main = self.rt.rank == 0
         self.sparsifier: Sparsifier | None = None
@@ -344,7 +344,7 @@ class Trainer:
             if state.get("sparsifier") is None:
                 raise RunError("the checkpoint was saved without a sparsifier (a dense run)")
             # the optimizer state was saved together with these masks, so it is zero under them
-            self.sparsifier.load_state_dict(state["sparsifier"], reset_optimizer_state=self.rt.name != "deepspeed")
+            self.sparsifier.load_state_dict(state["sparsifier"], reset_optimizer_state=self.rt.reset_state_on_load)
             self.flops["sparse"] = self._forward_flops.at(self.sparsifier.layer_densities())
         ckpt.set_rng_state(state["rng"])
         self.mix_gen.set_state(state["mix_gen"])

@@ -7,6 +7,7 @@ layer density; on steps whose dense gradient feeds a mask update it all-reduces 
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -17,8 +18,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from rigl_ds import faults
 from rigl_ds.core.layers import MaskedLayer
 
-from .dist_utils import broadcast_masks, check_masks_equal
-from .local import LocalEngine, flat_in_memory_order
+from .dist_utils import DistributedRuntime, broadcast_masks, check_masks_equal
+from .local import LocalEngine, flat_in_memory_order, grad_scaler
 
 
 class PackedAllReduce:
@@ -135,3 +136,33 @@ class DDPEngine(LocalEngine):
 
     def check_masks(self, masks: Mapping[str, Tensor]) -> None:
         check_masks_equal(masks, group=self.ddp.process_group)
+
+
+class DDPRuntime(DistributedRuntime):
+    """torchrun / SLURM: ``DistributedDataParallel``, NCCL on GPUs, gloo on CPU."""
+
+    name = "ddp"
+
+    @classmethod
+    def create(cls, cfg, model, optimizer_fn, device) -> "DDPRuntime":
+        return cls(model, optimizer_fn, device, grad_scaler(cfg, device), packed_allreduce=cfg.engine.packed_allreduce,
+                   mask_sync=cfg.engine.mask_sync)
+
+    def __init__(self, model: nn.Module, optimizer_fn: Callable[[nn.Module], torch.optim.Optimizer],
+                 device: torch.device, scaler, *, packed_allreduce: bool, mask_sync: str) -> None:
+        self.dist = dist
+        ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        super().__init__(model, optimizer_fn(model), device, scaler)
+        self.ddp, self.forward_model = ddp, ddp
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.packed_allreduce, self.mask_sync = packed_allreduce, mask_sync
+
+    def sparse_engine(self):
+        return DDPEngine(self.ddp, self.optimizer, mask_sync=self.mask_sync, packed_allreduce=self.packed_allreduce)
+
+    def no_sync(self, last: bool):
+        return contextlib.nullcontext() if last else self.ddp.no_sync()
+
+    def close(self) -> None:
+        self.dist.barrier()
+        self.dist.destroy_process_group()

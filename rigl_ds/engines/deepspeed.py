@@ -15,16 +15,21 @@ and the core, through DeepSpeed's public ``deepspeed.utils.safe_*`` accessors on
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Mapping, Sequence
+import json
+import pathlib
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
+from rigl_ds import checkpoint as ckpt
 from rigl_ds import faults
 from rigl_ds.core.engine import WholeMasks
 from rigl_ds.core.layers import MaskedLayer
 
-from .dist_utils import broadcast_masks, check_masks_equal
+from . import EngineError
+from .dist_utils import DistributedRuntime, broadcast_masks, check_masks_equal
 from .local import ZERO_PRESERVING_OPTIMIZERS
 
 
@@ -223,3 +228,149 @@ class DeepSpeedEngineAdapter(WholeMasks):
                 self.ds.step()
         for fn in self._post_step:
             fn()
+
+
+class DeepSpeedRuntime(DistributedRuntime):
+    """The ``deepspeed`` launcher: ``deepspeed.initialize`` with our torch optimizer, ZeRO 0–3."""
+
+    name = "deepspeed"
+    keeps_channels_last = False   # DeepSpeed flattens parameters through byte views: NCHW weights only
+    # DeepSpeed links its optimizer state to the accessors only at the next step after a load; it was
+    # saved with these masks, so it is zero under them already
+    reset_state_on_load = False
+
+    @classmethod
+    def init_process_group(cls) -> None:
+        super().init_process_group()
+        # DeepSpeed adopts the process group made above (on CPU its own default is much slower here)
+        init_deepspeed_comm(dist.get_backend())
+
+    @classmethod
+    def create(cls, cfg, model, optimizer_fn, device) -> "DeepSpeedRuntime":
+        ds_cfg = deepspeed_config(cfg.engine.deepspeed_config, micro_batch=cfg.data.batch_size,
+                                  grad_accumulation=cfg.train.grad_accumulation, world=dist.get_world_size(),
+                                  dtype=cfg.precision.dtype, clip_grad_norm=cfg.train.clip_grad_norm)
+        return cls(model, optimizer_fn(model), ds_cfg, mask_sync=cfg.engine.mask_sync)
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict, *,
+                 mask_sync: str) -> None:
+        import deepspeed
+
+        self.dist = dist
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        super().__init__(engine.module, optimizer, engine.device, None)
+        self.ds, self.forward_model = engine, engine
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.mask_sync = mask_sync
+        self._adapter = None
+        # DeepSpeed holds reduced gradients in its own (partitioned) buffers: every local gradient
+        # is checked as it is produced, before the reduction, and the flags are combined at the step
+        self._nonfinite = torch.zeros((), dtype=torch.float32, device=engine.device)
+        for p in self.module.parameters():
+            if p.requires_grad:
+                p.register_hook(self._check_grad)
+
+    def _check_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        self._nonfinite.logical_or_(~torch.isfinite(grad).all())
+        return grad
+
+    def grads_finite(self) -> bool:
+        flag = self._nonfinite.clone()
+        self.dist.all_reduce(flag, op=self.dist.ReduceOp.MAX)
+        self._nonfinite.zero_()
+        return not bool(flag)
+
+    def sparse_engine(self):
+        self._adapter = DeepSpeedEngineAdapter(self.ds, self.optimizer, mask_sync=self.mask_sync)
+        return self._adapter
+
+    def start_step(self) -> None:
+        # as DDP's broadcast_buffers: every rank starts the step from rank 0's BatchNorm statistics
+        # (the ones checkpointed), so a resumed run continues exactly
+        self.sync_buffers()
+
+    def backward(self, loss: torch.Tensor, accum: int) -> None:
+        self.ds.backward(loss)               # DeepSpeed divides by gradient_accumulation_steps itself
+
+    def micro_step(self) -> None:
+        self.ds.step()                       # not a boundary: no optimizer update
+
+    def before_sparsifier(self) -> None:
+        pass                                 # DeepSpeed unscales inside engine.step()
+
+    def clip_grads(self, max_norm: float | None) -> None:
+        pass     # DeepSpeed's "gradient_clipping" (set from train.clip_grad_norm), inside engine.step(),
+        # over the gradients the sparsifier already masked: the same rule as the other engines
+
+    def step(self, apply: bool) -> None:
+        if self._adapter is not None:
+            self._adapter.step(apply)
+        else:
+            self.ds.step()
+
+    def zero_grad(self) -> None:
+        pass                                 # engine.step() zeroes the gradients
+
+    # DeepSpeed checkpoints are folders written by every rank; a "complete" marker makes them valid.
+    def list_checkpoints(self, ckpt_dir: pathlib.Path) -> list[pathlib.Path]:
+        return ckpt.list_folders(ckpt_dir)
+
+    def save(self, state: dict[str, Any], ckpt_dir: pathlib.Path, step: int, keep_last: int) -> pathlib.Path:
+        tag = f"step_{step:08d}"
+        self.ds.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"rigl_ds": state})
+        self.barrier()
+        if self.rank == 0:
+            ckpt.write_manifest(ckpt_dir / tag)
+            ckpt.rotate_folders(ckpt_dir, keep_last, ckpt_dir / tag)
+        self.barrier()
+        return ckpt_dir / tag
+
+    def load(self, path: pathlib.Path) -> dict[str, Any]:
+        if not path.is_dir():
+            raise ckpt.CheckpointError(f"checkpoint {path} does not exist (DeepSpeed checkpoints are folders)")
+        ckpt.verify_folder(path)
+        ckpt.check_deepspeed_folder(path)
+        try:
+            _, client = self.ds.load_checkpoint(str(path.parent), tag=path.name)
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise ckpt.CheckpointError(f"checkpoint {path} does not fit this model/optimizer (another model or "
+                                       f"ZeRO layout?): {str(e).splitlines()[0]}") from None
+        if not client or "rigl_ds" not in client:
+            raise ckpt.CheckpointError(f"checkpoint {path} holds no rigl_ds state")
+        return client["rigl_ds"]
+
+
+def deepspeed_config(path: str, *, micro_batch: int, grad_accumulation: int, world: int, dtype: str,
+                     clip_grad_norm: float | None = None) -> dict:
+    """Load a DeepSpeed JSON and fill in (or check) its batch sizes, precision and gradient clipping
+    from the YAML (the YAML decides; a JSON value that differs is refused, 0 or "auto" defer)."""
+    p = pathlib.Path(path)
+    try:
+        cfg = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise EngineError(f"engine.deepspeed_config: {p} not found") from None
+    except json.JSONDecodeError as e:
+        raise EngineError(f"engine.deepspeed_config: {p} is not valid JSON: {e}") from None
+    want = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": grad_accumulation,
+            "train_batch_size": micro_batch * grad_accumulation * world}
+    problems = [f"{p}: {k}={cfg[k]} but the YAML gives {v} (data.batch_size={micro_batch}, "
+                f"train.grad_accumulation={grad_accumulation}, world size {world})"
+                for k, v in want.items() if k in cfg and cfg[k] not in (v, "auto")]
+    clip = float(clip_grad_norm or 0.0)
+    given = cfg.get("gradient_clipping", 0.0)
+    if given not in (0, 0.0, "auto", None, clip):
+        problems.append(f"{p}: gradient_clipping={given} but train.clip_grad_norm={clip_grad_norm} (set it "
+                        "in the YAML, which fills the JSON, and leave the JSON's at 0.0)")
+    want["gradient_clipping"] = clip
+    for key, on in (("bf16", dtype == "bf16"), ("fp16", dtype == "fp16")):
+        enabled = bool(cfg.get(key, {}).get("enabled", False))
+        if key in cfg and enabled != on:
+            problems.append(f"{p}: {key}.enabled={enabled} but precision.dtype={dtype!r}")
+        cfg.setdefault(key, {})["enabled"] = on
+    if problems:
+        raise EngineError("DeepSpeed config disagrees with the experiment:\n  " + "\n  ".join(problems))
+    cfg.update(want)
+    cfg.setdefault("steps_per_print", 10**9)
+    if cfg.get("zero_optimization", {}).get("stage", 0) > 0:
+        cfg.setdefault("zero_allow_untested_optimizer", True)
+    return cfg

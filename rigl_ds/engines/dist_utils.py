@@ -1,11 +1,15 @@
-"""Small torch.distributed helpers shared by the multi-rank engines."""
+"""torch.distributed helpers shared by the multi-rank backends, and their common runtime base."""
 from __future__ import annotations
 
+import os
 from typing import Mapping, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from . import EngineError
+from .local import LocalRuntime
 
 
 class MaskDivergenceError(RuntimeError):
@@ -43,3 +47,51 @@ def broadcast_masks(masks: Mapping[str, Tensor], src: int = 0, group=None) -> No
     """Overwrite every rank's masks with rank ``src``'s (bool tensors travel as uint8)."""
     for m in masks.values():
         dist.broadcast(m.view(torch.uint8), src=src, group=group)
+
+
+class DistributedRuntime(LocalRuntime):
+    """Collectives shared by the multi-process runtimes (the process group already exists)."""
+
+    distributed = True
+
+    @classmethod
+    def init_process_group(cls) -> None:
+        """From the launcher's environment (torchrun, deepspeed, SLURM): NCCL on GPUs, gloo on CPU."""
+        if dist.is_initialized():
+            return
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            raise EngineError(f"engine.name={cls.name!r} needs a launcher (torchrun or deepspeed) that sets RANK "
+                              "and WORLD_SIZE; see launch/")
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+    def sync_buffers(self) -> None:
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for b in self.module.buffers():
+            by_dtype.setdefault(b.dtype, []).append(b)
+        for bufs in by_dtype.values():       # one broadcast per dtype (ResNet-50: 2, not 159)
+            flat = _flatten_dense_tensors([b.data for b in bufs])
+            self.dist.broadcast(flat, src=0)
+            for b, v in zip(bufs, _unflatten_dense_tensors(flat, [b.data for b in bufs])):
+                b.data.copy_(v)
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        self.dist.all_reduce(t)
+        return t
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        out = [torch.empty_like(t) for _ in range(self.world)]
+        self.dist.all_gather(out, t)
+        return torch.stack(out)
+
+    def stop_group(self):
+        if self.dist.get_backend() == "gloo":
+            return None                      # the default group already takes CPU tensors
+        return self.dist.new_group(backend="gloo")
+
+    def barrier(self) -> None:
+        self.dist.barrier()
+
+    def close(self) -> None:
+        self.dist.barrier()

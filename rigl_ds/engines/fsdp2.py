@@ -18,20 +18,28 @@ bool tensor of the local shard's shape, and:
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
-from typing import Callable, Mapping, Sequence
+import pathlib
+import shutil
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Shard
 
+from rigl_ds import checkpoint as ckpt
 from rigl_ds import faults
 from rigl_ds.core.layers import MaskedLayer
 from rigl_ds.core.selection import select_changes
 
 from .dist_select import select_sharded_many
+from .dist_utils import DistributedRuntime
 from .local import LocalEngine, zero_at
+
+logger = logging.getLogger(__name__)
 
 SELECTIONS = ("sharded", "gather")
 
@@ -165,6 +173,7 @@ class FSDP2Engine(LocalEngine):
     def apply_mask(self, name: str, mask: Tensor) -> None:
         w = local(self._param(name).data)
         torch.where(mask, w, self._zero(w), out=w)
+        self._mask_changed(name, mask)
 
     def _states(self, name: str) -> list[Tensor]:
         if self.optimizer is None:
@@ -182,16 +191,14 @@ class FSDP2Engine(LocalEngine):
     def apply_update(self, name: str, old: Tensor, new: Tensor, dropped: Tensor, grown: Tensor) -> None:
         """Each rank decided its own slice exactly: only its changed positions are written."""
         zero_at(local(self._param(name).data), dropped)
+        self._mask_changed(name, new)
         changed = torch.cat([dropped, grown])
         for v in self._states(name):
             zero_at(v, changed)
         faults.point("mask_update")
 
-    @torch.no_grad()
-    def mask_grads(self) -> None:
-        for param, mask in self._pairs:
-            if param.grad is not None:
-                self._masked_inplace(local(param.grad), mask)
+    def _grad(self, param: nn.Parameter) -> Tensor | None:
+        return None if param.grad is None else local(param.grad)
 
     @torch.no_grad()
     def mask_weights(self) -> None:
@@ -209,3 +216,168 @@ class FSDP2Engine(LocalEngine):
             shape = self._layout(name)[2]
             if tuple(m.shape) != shape:
                 raise ShardLayoutError(f"mask {name!r} has shape {tuple(m.shape)}, this rank's shard is {shape}")
+
+
+class FSDP2Runtime(DistributedRuntime):
+    """torchrun / SLURM: ``fully_shard`` (FSDP2) over a 1-D mesh of all ranks; masks sharded like weights.
+
+    Checkpoints are torch.distributed.checkpoint (DCP) folders: model, optimizer, masks and the
+    accumulated grow scores as sharded tensors (any world size can load them), plus rank 0's
+    ``rigl_ds.pt`` (loop, sparsifier and RNG state) and a ``complete`` manifest written last.
+    """
+
+    name = "fsdp2"
+    keeps_channels_last = False   # fully_shard flattens parameters into contiguous shards
+
+    @classmethod
+    def create(cls, cfg, model, optimizer_fn, device) -> "FSDP2Runtime":
+        return cls(model, optimizer_fn, device, units=cfg.engine.fsdp2_units, selection=cfg.engine.fsdp2_selection)
+
+    def __init__(self, model: nn.Module, optimizer_fn: Callable[[nn.Module], torch.optim.Optimizer],
+                 device: torch.device, *, units: list[str], selection: str) -> None:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        self.dist = dist
+        self.mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        # bf16 runs under the loop's torch.autocast, as with DDP: parameters, their all-gathers and the
+        # gradient reductions stay fp32 (a bf16 MixedPrecisionPolicy casts BatchNorm's affine
+        # parameters too, which BatchNorm's fp32 running statistics refuse)
+        wrapped = 0
+        for m in list(model.modules())[1:]:
+            if type(m).__name__ in units:
+                fully_shard(m, mesh=self.mesh)
+                wrapped += 1
+        fully_shard(model, mesh=self.mesh)
+        super().__init__(model, optimizer_fn(model), device, None)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.selection = selection
+        self._adapter = None
+        logger.info("fsdp2: %d units (%s) + root over %d ranks", wrapped, ", ".join(units) or "-", self.world)
+
+    def sparse_engine(self):
+        self._adapter = FSDP2Engine(self.module, self.optimizer, selection=self.selection)
+        return self._adapter
+
+    def no_sync(self, last: bool):
+        @contextlib.contextmanager
+        def sync(on: bool):
+            self.module.set_requires_gradient_sync(on)
+            try:
+                yield
+            finally:
+                self.module.set_requires_gradient_sync(True)
+        return sync(last)
+
+    def start_step(self) -> None:
+        self.sync_buffers()              # every rank starts from rank 0's BatchNorm statistics (checkpointed)
+
+    def grads_finite(self) -> bool:
+        bad = self._nonfinite(local).float()          # this rank's gradient shards, then over all ranks
+        self.dist.all_reduce(bad, op=self.dist.ReduceOp.MAX)
+        return not bool(bad)
+
+    def eval_batches(self, batches, input_shape: tuple[int, ...]):
+        """Forwards are collectives under FSDP2: a rank out of batches runs empty ones until all are."""
+        it = iter(batches)
+        while True:
+            batch = next(it, None)
+            more = torch.tensor(float(batch is not None), device=self.device)
+            self.dist.all_reduce(more, op=self.dist.ReduceOp.MAX)
+            if not bool(more):
+                self.reshard()
+                return
+            yield batch if batch is not None else (torch.zeros((0, *input_shape)), torch.zeros(0, dtype=torch.long))
+
+    def list_checkpoints(self, ckpt_dir: pathlib.Path) -> list[pathlib.Path]:
+        return ckpt.list_folders(ckpt_dir)         # DCP folders with a "complete" manifest, like DeepSpeed's
+
+    def reshard(self) -> None:
+        """Free the unsharded parameters a forward without backward (evaluation, FLOPs count) left
+        behind (FSDP2 keeps the root's after forward): parameters are DTensor shards again."""
+        from torch.distributed.fsdp import FSDPModule
+
+        for m in self.module.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()
+
+    def _sharded(self, state: dict[str, Any]) -> dict[str, Any]:
+        """The tensors DCP saves and loads (resharded to this world size): model, optimizer, masks, scores."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        self.reshard()
+        params = dict(self.module.named_parameters())
+
+        def like_param(name: str, t: torch.Tensor):
+            return placed_like(params[name], t)
+
+        out = {"model": get_model_state_dict(self.module), "optimizer": get_optimizer_state_dict(self.module, self.optimizer)}
+        sp = state.get("sparsifier")
+        if sp is not None:
+            out["masks"] = {n: like_param(n, m) for n, m in sp["masks"].items()}
+            if sp.get("score") is not None:
+                out["score"] = {n: like_param(n, s) for n, s in sp["score"].items()}
+        return out
+
+    def save(self, state: dict[str, Any], ckpt_dir: pathlib.Path, step: int, keep_last: int) -> pathlib.Path:
+        """Every rank writes its shards into ``.step_N.tmp``; rank 0 adds ``rigl_ds.pt`` and the
+        manifest, then renames the folder into place (a checkpoint of the same step, e.g. the one
+        this run resumed from, is replaced only then)."""
+        import torch.distributed.checkpoint as dcp
+
+        tag = ckpt_dir / f"step_{step:08d}"
+        tmp = ckpt_dir / f".{tag.name}.tmp"
+        if self.rank == 0 and tmp.exists():          # left by a killed save
+            shutil.rmtree(tmp)
+        self.barrier()
+        sp = state.get("sparsifier")
+        # buffers (BatchNorm statistics) are replicated tensors, of which DCP keeps one rank's copy:
+        # make every copy rank 0's, as every step starts from them
+        self.sync_buffers()
+        dcp.save(self._sharded(state), checkpoint_id=str(tmp))
+        if self.rank == 0:
+            rest = dict(state, model="dcp", sparsifier=None if sp is None else dict(sp, masks=None, score=None))
+            ckpt.save_atomic(rest, tmp / "rigl_ds.pt")
+        self.barrier()
+        if self.rank == 0:
+            ckpt.write_manifest(tmp)
+            ckpt.verify_folder(tmp)
+            old = ckpt_dir / f".{tag.name}.old"
+            if tag.exists():
+                tag.rename(old)
+            tmp.rename(tag)
+            shutil.rmtree(old, ignore_errors=True)
+            ckpt.rotate_folders(ckpt_dir, keep_last, tag)
+        self.barrier()
+        return tag
+
+    def load(self, path: pathlib.Path) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        if not path.is_dir():
+            raise ckpt.CheckpointError(f"checkpoint {path} does not exist (FSDP2 checkpoints are DCP folders)")
+        ckpt.verify_folder(path)
+        state = ckpt.load(path / "rigl_ds.pt")
+        sp = state.get("sparsifier")
+        template = dict(state)
+        if sp is not None:        # templates of this rank's shards, filled in place by dcp.load
+            adapter = self._adapter
+            if adapter is None:
+                raise ckpt.CheckpointError("an FSDP2 checkpoint with masks needs the sparsifier built first")
+            sp = dict(sp)
+            sp["masks"] = {n: torch.zeros_like(m) for n, m in adapter.masks.items()}
+            if sp.get("score_count"):
+                sp["score"] = {n: torch.zeros(m.shape, dtype=torch.float32, device=m.device)
+                               for n, m in adapter.masks.items()}
+            template["sparsifier"] = sp
+        sharded = self._sharded(template)
+        try:
+            ckpt.load_dcp(sharded, path)
+            set_model_state_dict(self.module, sharded["model"])
+            set_optimizer_state_dict(self.module, self.optimizer, sharded["optimizer"])
+        except ckpt.CheckpointError:
+            raise
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise ckpt.CheckpointError(f"checkpoint {path} does not fit this model/optimizer (another model?): "
+                                       f"{str(e).splitlines()[0]}") from None
+        return template

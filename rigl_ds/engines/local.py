@@ -1,12 +1,20 @@
-"""Plain PyTorch engine: one process, or any wrapper whose ``param.grad`` already holds the
-rank-averaged gradient after backward (DDP). Moves tensors only; decides nothing about masks."""
+"""The ``local`` backend: one process, plain PyTorch.
+
+``LocalEngine`` moves tensors for the core (also for any wrapper whose ``param.grad`` already holds
+the rank-averaged gradient after backward: DDP); ``LocalRuntime`` is what the training loop drives
+(step, collectives, checkpoint files), and the base of the other backends' runtimes. Decides
+nothing about masks.
+"""
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+import contextlib
+import pathlib
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from rigl_ds import checkpoint as ckpt
 from rigl_ds import faults
 from rigl_ds.core.engine import WholeMasks
 from rigl_ds.core.layers import MaskedLayer
@@ -41,6 +49,11 @@ class LocalEngine(WholeMasks):
 
     CHUNK = 1 << 18      # elements per step of the CPU masking loop (1 MiB float32 buffer)
     SMALL = 1 << 15      # below this, one torch.where call costs less than the chunk loop
+    #: layers below this many elements keep a copy of their mask in the weight's dtype, and the
+    #: gradients of all of them are masked by ONE ``torch._foreach_mul_`` per step (the per-layer
+    #: dispatch, not the arithmetic, is what small layers cost); larger layers take the paths of
+    #: :meth:`_masked_inplace` (no mask-sized copy: 4 bytes a weight would be too many there)
+    FUSE_BELOW = 1 << 20
 
     def _buffer(self, dtype: torch.dtype) -> Tensor:
         buf = self._buffers.get(dtype)
@@ -55,6 +68,8 @@ class LocalEngine(WholeMasks):
         self._pairs: list[tuple[nn.Parameter, Tensor]] = []
         self._zeros: dict[tuple[torch.dtype, torch.device], Tensor] = {}
         self._buffers: dict[torch.dtype, Tensor] = {}     # CPU: one CHUNK-sized buffer per dtype
+        self._fused: dict[str, Tensor] = {}               # name -> mask in the weight's dtype (small layers)
+        self._names: list[str] = []
         self._hooks: list = []
         self.dense_grad_wanted: Callable[[], bool] = lambda: True
 
@@ -67,6 +82,10 @@ class LocalEngine(WholeMasks):
     def bind(self, layers: Sequence[MaskedLayer], masks: Mapping[str, Tensor],
              dense_grad_wanted: Callable[[], bool] = lambda: True) -> None:
         self._pairs = [(self._param(l.name), masks[l.name]) for l in layers]
+        self._names = [l.name for l in layers]
+        self._fused = {}
+        for l in layers:
+            self._mask_changed(l.name, masks[l.name])
         for p, _ in self._pairs:     # allocate the CPU masking buffers now, not on a training step
             if p.device.type == "cpu" and p.is_floating_point() and p.numel() >= self.SMALL:
                 self._buffer(p.dtype)
@@ -78,10 +97,17 @@ class LocalEngine(WholeMasks):
     def dense_grad(self, name: str) -> Tensor | None:
         return self._param(name).grad
 
+    def _mask_changed(self, name: str, mask: Tensor) -> None:
+        """Every engine calls this where a layer's mask is (re)applied: refreshes the fused copy."""
+        p = self._param(name)
+        if p.is_floating_point() and mask.numel() < self.FUSE_BELOW and name in self._names:
+            self._fused[name] = mask.to(dtype=p.dtype)
+
     @torch.no_grad()
     def apply_mask(self, name: str, mask: Tensor) -> None:
         p = self._param(name)
         torch.where(mask, p, self._zero(p), out=p)
+        self._mask_changed(name, mask)
 
     @torch.no_grad()
     def reset_optimizer_state(self, name: str, keep: Tensor) -> None:
@@ -104,6 +130,7 @@ class LocalEngine(WholeMasks):
         """One process: only the changed positions are written (kept ones are untouched)."""
         p = self._param(name)
         zero_at(p.data, dropped)
+        self._mask_changed(name, new)
         if self.optimizer is not None:
             changed = torch.cat([dropped, grown])
             for value in self.optimizer.state.get(p, {}).values():
@@ -133,12 +160,25 @@ class LocalEngine(WholeMasks):
             b.copy_(m8[i:i + c])
             flat[i:i + c].mul_(b)
 
+    def _grad(self, param: nn.Parameter) -> Tensor | None:
+        """The gradient this rank masks (FSDP2: its local shard)."""
+        return param.grad
+
     @torch.no_grad()
     def mask_grads(self) -> None:
-        for param, mask in self._pairs:
-            g = param.grad
-            if g is not None:
+        grads, fmasks = [], []
+        for name, (param, mask) in zip(self._names, self._pairs):
+            g = self._grad(param)
+            if g is None:
+                continue
+            fm = self._fused.get(name)
+            if fm is not None and fm.dtype == g.dtype and fm.device == g.device and fm.shape == g.shape:
+                grads.append(g)
+                fmasks.append(fm)
+            else:
                 self._masked_inplace(g, mask)
+        if grads:
+            torch._foreach_mul_(grads, fmasks)    # one call for all small layers (multiply: see _masked_inplace)
 
     @torch.no_grad()
     def mask_weights(self) -> None:
@@ -158,3 +198,148 @@ class LocalEngine(WholeMasks):
         if self.optimizer is None:
             raise ValueError("re-zeroing weights after each step needs an optimizer")
         self._hooks.append(self.optimizer.register_step_post_hook(lambda *_: fn()))
+
+
+def grad_scaler(cfg, device: torch.device) -> torch.amp.GradScaler | None:
+    """fp16 runs scale the loss (DeepSpeed scales inside its engine)."""
+    return torch.amp.GradScaler(device.type) if cfg.precision.dtype == "fp16" else None
+
+
+class LocalRuntime:
+    """One process; also the base of DDP (same optimizer, scaler and checkpoint files)."""
+
+    name = "local"
+    distributed = False           # needs a launcher and a process group
+    keeps_channels_last = True    # model.channels_last weights survive the wrapping
+    reset_state_on_load = True    # re-zero optimizer state under loaded masks (DeepSpeed: see there)
+
+    @classmethod
+    def create(cls, cfg, model: nn.Module, optimizer_fn: Callable[[nn.Module], torch.optim.Optimizer],
+               device: torch.device) -> "LocalRuntime":
+        """Wrap ``model`` (already on ``device``) as ``cfg`` (an ExperimentConfig) says."""
+        return cls(model, optimizer_fn(model), device, grad_scaler(cfg, device))
+
+    @classmethod
+    def init_process_group(cls) -> None:
+        """Before the model is built: set up the processes' communication (nothing for one process)."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
+                 scaler: torch.amp.GradScaler | None = None) -> None:
+        self.module, self.forward_model, self.optimizer = model, model, optimizer
+        self.device, self.scaler = device, scaler
+        self.rank, self.world = 0, 1
+
+    # ------------------------------------------------------------------ sparsifier side
+    def sparse_engine(self):
+        return LocalEngine(self.module, self.optimizer)
+
+    # ------------------------------------------------------------------ the step
+    def no_sync(self, last: bool):
+        return contextlib.nullcontext()
+
+    def micro_step(self) -> None:
+        """After the backward of a micro-batch that is not the last of the step."""
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's value of ``obj`` on every rank."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        self.dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def start_step(self) -> None:
+        """Before the first forward of a step."""
+
+    def sync_buffers(self) -> None:
+        """Give every rank rank 0's buffers (BatchNorm statistics): before evaluation, so that all
+        ranks evaluate the model that rank 0 checkpoints."""
+
+    def backward(self, loss: torch.Tensor, accum: int) -> None:
+        scaled = loss / accum
+        (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+
+    def before_sparsifier(self) -> None:
+        """Unscale (AMP) the gradients before the sparsifier reads them."""
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+
+    def clip_grads(self, max_norm: float | None) -> None:
+        """``train.clip_grad_norm``, after the sparsifier masked the gradients: the norm is that of
+        the update the optimizer applies (inactive entries are zero and count for nothing), on every
+        engine. FSDP2's DTensor gradients give the norm over all shards."""
+        if max_norm:
+            nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)
+
+    def _nonfinite(self, local=lambda g: g) -> torch.Tensor:
+        """A 0-d bool tensor: is any of this rank's gradients (``local`` of each) not finite? One
+        foreach-norm, no host sync."""
+        grads = [local(p.grad) for p in self.module.parameters() if p.grad is not None]
+        if not grads:
+            return torch.zeros((), dtype=torch.bool, device=self.device)
+        return ~torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()
+
+    def grads_finite(self) -> bool:
+        """Are all gradients finite? (After all-reduce they are the same on every rank.)"""
+        return not bool(self._nonfinite())
+
+    def step(self, apply: bool) -> None:
+        if apply:
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+            else:
+                self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.update()
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def eval_batches(self, batches, input_shape: tuple[int, ...]):
+        """The validation batches this rank evaluates (FSDP2: padded so every rank runs as many forwards)."""
+        return batches
+
+    # ------------------------------------------------------------------ collectives
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``t``, stacked in rank order (a new leading dimension)."""
+        return t[None]
+
+    def stop_group(self):
+        """The process group on which ranks agree to stop on a signal (CPU tensors: gloo)."""
+        return None
+
+    def barrier(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    # ------------------------------------------------------------------ checkpoints
+    def list_checkpoints(self, ckpt_dir: pathlib.Path) -> list[pathlib.Path]:
+        return ckpt.list_checkpoints(ckpt_dir)
+
+    def save(self, state: dict[str, Any], ckpt_dir: pathlib.Path, step: int, keep_last: int) -> pathlib.Path:
+        """Rank 0 writes one file (atomic) holding the model and optimizer too."""
+        path = ckpt.checkpoint_path(ckpt_dir, step)
+        if self.rank == 0:
+            full = dict(state, model=self.module.state_dict(), optimizer=self.optimizer.state_dict(),
+                        scaler=self.scaler.state_dict() if self.scaler else None)
+            ckpt.save_atomic(full, path)
+            ckpt.rotate(ckpt_dir, keep_last, path)
+        self.barrier()
+        return path
+
+    def load(self, path: pathlib.Path) -> dict[str, Any]:
+        state = ckpt.load(path)
+        try:
+            self.module.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise ckpt.CheckpointError(f"checkpoint {path} does not fit this model/optimizer (another model?): "
+                                       f"{str(e).splitlines()[0]}") from None
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        return state

@@ -149,7 +149,8 @@ def test_run_length_checks_name_the_override():
 
 
 def test_deepspeed_json_disagreeing_with_the_yaml(tmp_path):
-    from rigl_ds.engines.runtime import EngineError, deepspeed_config
+    from rigl_ds.engines import EngineError
+    from rigl_ds.engines.deepspeed import deepspeed_config
 
     bad = tmp_path / "ds.json"
     bad.write_text(json.dumps({"train_micro_batch_size_per_gpu": 64, "gradient_accumulation_steps": 2,
