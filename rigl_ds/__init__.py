@@ -1,6 +1,7 @@
 """rigl_ds: RigL sparse training as a plugin for plain PyTorch, DDP, DeepSpeed and FSDP2."""
 from . import engines
 from .core import (
+    GMP,
     SET,
     RigL,
     Sparsifier,
@@ -12,5 +13,5 @@ from .core import (
 )
 
 __version__ = "0.1.0"
-__all__ = ["RigL", "SET", "Static", "Sparsifier", "SparsityConfig", "build_sparsifier", "engines",
+__all__ = ["GMP", "RigL", "SET", "Static", "Sparsifier", "SparsityConfig", "build_sparsifier", "engines",
            "forward_flops", "training_flops_ratio", "__version__"]

@@ -6,18 +6,20 @@ values; every problem of a file is reported at once (one :class:`ConfigError`).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
+import inspect
 import math
 import os
 import pathlib
+import typing
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo,
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, create_model,
                       field_validator, model_validator)
 
-from rigl_ds.core import DENSE, get_method, method_names
-from rigl_ds.core.distributions import DISTRIBUTIONS
+from rigl_ds.core import DENSE, get_method
 from rigl_ds.core.sparsifier import SparsityConfig as CoreSparsityConfig
 from rigl_ds.engines import engine_names
 
@@ -105,25 +107,11 @@ class LRScheduleSection(_Strict):
     step_gamma: float = Field(0.1, gt=0.0)
 
 
-class SparsitySection(_Strict):
-    method: Literal[method_names() + (DENSE,)] = "rigl"     # the registry of rigl_ds.core.methods
-    sparsity: float = Field(0.9, ge=0.0, lt=1.0)
-    distribution: Literal[DISTRIBUTIONS] = "erk"     # see rigl_ds.core.distributions
-    delta: int = Field(100, ge=1)
-    alpha: float = Field(0.3, ge=0.0, le=1.0)
-    t_end: Union[int, float] = 0.75
-    t_start: Union[int, float] = 0                  # gmp: pruning starts (fraction or step)
-    initial_sparsity: float = Field(0.0, ge=0.0, lt=1.0)   # gmp: sparsity at t_start (0: dense start)
-    anneal: Literal["cosine", "constant"] = "cosine"
-    grad_accumulation_n: int = Field(1, ge=1)
-    erk_power_scale: float = Field(1.0, ge=0.0)
-    include: list[str] = Field(default_factory=list)
-    exclude: list[str] = Field(default_factory=list)
-    overrides: dict[str, Union[float, Literal["dense"]]] = Field(default_factory=dict)
-    seed: Optional[int] = None                      # default: train.seed
-    skip_step_on_update: Optional[bool] = None      # default: the method's (rigl, set: true; gmp: false)
+class _SparsityRules(_Strict):
+    """The cross-field rules of the ``sparsity`` section; its fields are generated below from the
+    core's :class:`~rigl_ds.core.sparsifier.SparsityConfig`, where each knob is declared once."""
 
-    @field_validator("t_end", "t_start")
+    @field_validator("t_end", "t_start", check_fields=False)
     @classmethod
     def _t_end(cls, v: Union[int, float], info: ValidationInfo) -> Union[int, float]:
         if isinstance(v, bool):
@@ -137,7 +125,7 @@ class SparsitySection(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _acc(self) -> "SparsitySection":
+    def _acc(self) -> "_SparsityRules":
         if self.grad_accumulation_n > self.delta:
             raise ValueError(f"grad_accumulation_n={self.grad_accumulation_n} must be <= delta={self.delta}")
         if self.initial_sparsity > self.sparsity:
@@ -145,15 +133,35 @@ class SparsitySection(_Strict):
         return self
 
     def to_core(self, default_seed: int) -> CoreSparsityConfig:
-        """The core's frozen config (method must not be 'dense')."""
-        return CoreSparsityConfig(
-            method=self.method, sparsity=self.sparsity, distribution=self.distribution,
-            delta=self.delta, alpha=self.alpha, t_end=self.t_end, t_start=self.t_start,
-            initial_sparsity=self.initial_sparsity, anneal=self.anneal,
-            grad_accumulation_n=self.grad_accumulation_n, erk_power_scale=self.erk_power_scale,
-            include=tuple(self.include), exclude=tuple(self.exclude), overrides=dict(self.overrides),
-            seed=default_seed if self.seed is None else self.seed,
-            skip_step_on_update=self.skip_step_on_update)
+        """The core's frozen config (method must not be 'dense'); seed None means ``default_seed``."""
+        kw = {f.name: getattr(self, f.name) for f in dataclasses.fields(CoreSparsityConfig)}
+        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()}
+        if kw["seed"] is None:
+            kw["seed"] = default_seed
+        return CoreSparsityConfig(**kw)
+
+
+def _sparsity_fields() -> dict[str, Any]:
+    hints = typing.get_type_hints(CoreSparsityConfig)
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(CoreSparsityConfig):
+        md = f.metadata
+        typ = md["yaml"] if md["yaml"] is not None else hints[f.name]
+        if inspect.isfunction(typ):
+            typ = typ()
+        if md["yaml_default"] is not dataclasses.MISSING:
+            default = md["yaml_default"]
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if isinstance(default, (list, dict)):
+            field = Field(default_factory=lambda d=default: copy.deepcopy(d), description=md["doc"], **md["limits"])
+        else:
+            field = Field(default, description=md["doc"], **md["limits"])
+        out[f.name] = (typ, field)
+    return out
+
+
+SparsitySection = create_model("SparsitySection", __base__=_SparsityRules, __module__=__name__, **_sparsity_fields())
 
 
 class TrainSection(_Strict):

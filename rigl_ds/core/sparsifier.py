@@ -38,29 +38,66 @@ logger = logging.getLogger(__name__)
 STATE_VERSION = 1
 
 
+def knob(default: Any, doc: str, *, yaml: Any = None, yaml_default: Any = dataclasses.MISSING,
+         **limits: float) -> Any:
+    """A field of :class:`SparsityConfig`: the one declaration of a sparsity knob. The YAML schema
+    (``rigl_ds.config.SparsitySection``) is generated from these fields: ``doc``, the numeric
+    ``limits`` (ge, gt, le, lt), the YAML type where it differs from the Python one (``yaml``; a
+    callable is resolved when the schema is built) and its default there (``yaml_default``)."""
+    md = {"doc": doc, "yaml": yaml, "yaml_default": yaml_default, "limits": limits}
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata=md)
+    return field(default=default, metadata=md)
+
+
+def _literal_dense() -> Any:
+    from typing import Literal
+    return Literal["dense"]
+
+
+def _yaml_methods() -> Any:
+    from typing import Literal
+
+    from .methods import DENSE
+    return Literal[method_names() + (DENSE,)]
+
+
+def _yaml_distributions() -> Any:
+    from typing import Literal
+    return Literal[DISTRIBUTIONS]
+
+
+def _yaml_anneals() -> Any:
+    from typing import Literal
+    return Literal[ANNEALS]
+
+
 @dataclass(frozen=True)
 class SparsityConfig:
-    """Every knob of the sparsifier, with the SPEC §5 defaults."""
+    """Every knob of the sparsifier, with the SPEC §5 defaults; declared once (see :func:`knob`)."""
 
-    method: str = "rigl"
-    sparsity: float = 0.9
-    distribution: str = "erk"
-    delta: int = 100
-    alpha: float = 0.3
-    t_end: float | int = 0.75             # fraction of total steps (float) or absolute step (int)
-    t_start: float | int = 0              # gmp: pruning starts here (fraction or step, as t_end)
-    initial_sparsity: float = 0.0         # gmp: sparsity at t_start (0: a dense start)
-    anneal: str = "cosine"
-    grad_accumulation_n: int = 1
-    erk_power_scale: float = 1.0
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
-    overrides: Mapping[str, float | str] = field(default_factory=dict)
-    seed: int = 0
-    # no optimizer step on an update step; None: the method's default (RigL, SET: skip, as the
-    # official code; GMP: step)
-    skip_step_on_update: bool | None = None
-    rezero_weights: bool | None = None    # None: only for optimizers not proven to keep zeros
+    method: str = knob("rigl", "the method (rigl_ds.core.methods registry); YAML also: dense", yaml=_yaml_methods)
+    sparsity: float = knob(0.9, "fraction of masked-layer weights that are zero", ge=0.0, lt=1.0)
+    distribution: str = knob("erk", "per-layer sparsity: see rigl_ds.core.distributions", yaml=_yaml_distributions)
+    delta: int = knob(100, "steps between mask updates (ΔT)", ge=1)
+    alpha: float = knob(0.3, "initial drop fraction", ge=0.0, le=1.0)
+    t_end: float | int = knob(0.75, "updates stop here: a fraction of total steps (float) or a step (int)",
+                              yaml=float | int)
+    t_start: float | int = knob(0, "gmp: pruning starts here (fraction or step, as t_end)", yaml=float | int)
+    initial_sparsity: float = knob(0.0, "gmp: the sparsity at t_start (0: a dense start)", ge=0.0, lt=1.0)
+    anneal: str = knob("cosine", "drop fraction over time: cosine or constant", yaml=_yaml_anneals)
+    grad_accumulation_n: int = knob(1, "dense gradients of the last n steps up to an update are averaged", ge=1)
+    erk_power_scale: float = knob(1.0, "ERK raw density raised to this power", ge=0.0)
+    include: tuple[str, ...] = knob((), "module-name globs adding masked weights", yaml=list[str], yaml_default=[])
+    exclude: tuple[str, ...] = knob((), "module-name globs removing masked weights", yaml=list[str], yaml_default=[])
+    overrides: Mapping[str, float | str] = knob({}, "layer name or glob -> sparsity or 'dense'",
+                                                yaml=lambda: dict[str, float | _literal_dense()])
+    seed: int = knob(0, "seed of the initial masks (and of SET's growth); YAML default: train.seed",
+                     yaml=int | None, yaml_default=None)
+    skip_step_on_update: bool | None = knob(None, "no optimizer step on an update step; None: the method's "
+                                            "default (rigl, set: skip, as the official code; gmp: step)")
+    rezero_weights: bool | None = knob(None, "re-zero masked weights after each optimizer step; None: only for "
+                                       "optimizers not proven to keep zeros")
 
     def __post_init__(self) -> None:
         if self.method not in method_names():

@@ -240,10 +240,11 @@ class DeepSpeedRuntime(DistributedRuntime):
     reset_state_on_load = False
 
     @classmethod
-    def init_process_group(cls) -> None:
-        super().init_process_group()
-        # DeepSpeed adopts the process group made above (on CPU its own default is much slower here)
-        init_deepspeed_comm(dist.get_backend())
+    def init_process_group(cls) -> bool:
+        made = super().init_process_group()
+        if made:    # DeepSpeed adopts the process group made above (on CPU its own default is much slower here)
+            init_deepspeed_comm(dist.get_backend())
+        return made
 
     @classmethod
     def create(cls, cfg, model, optimizer_fn, device) -> "DeepSpeedRuntime":

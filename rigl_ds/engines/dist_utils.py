@@ -55,14 +55,16 @@ class DistributedRuntime(LocalRuntime):
     distributed = True
 
     @classmethod
-    def init_process_group(cls) -> None:
-        """From the launcher's environment (torchrun, deepspeed, SLURM): NCCL on GPUs, gloo on CPU."""
+    def init_process_group(cls) -> bool:
+        """From the launcher's environment (torchrun, deepspeed, SLURM): NCCL on GPUs, gloo on CPU.
+        False when a process group already exists (made by the caller): it is used as it is."""
         if dist.is_initialized():
-            return
+            return False
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
             raise EngineError(f"engine.name={cls.name!r} needs a launcher (torchrun or deepspeed) that sets RANK "
                               "and WORLD_SIZE; see launch/")
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return True
 
     def sync_buffers(self) -> None:
         from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors

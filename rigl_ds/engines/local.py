@@ -52,8 +52,8 @@ class LocalEngine(WholeMasks):
     #: layers below this many elements keep a copy of their mask in the weight's dtype, and the
     #: gradients of all of them are masked by ONE ``torch._foreach_mul_`` per step (the per-layer
     #: dispatch, not the arithmetic, is what small layers cost); larger layers take the paths of
-    #: :meth:`_masked_inplace` (no mask-sized copy: 4 bytes a weight would be too many there)
-    FUSE_BELOW = 1 << 20
+    #: :meth:`_masked_inplace`, with no mask-sized copy (ResNet-50 keeps ~1M elements of copies)
+    FUSE_BELOW = 1 << 17
 
     def _buffer(self, dtype: torch.dtype) -> Tensor:
         buf = self._buffers.get(dtype)
@@ -220,8 +220,10 @@ class LocalRuntime:
         return cls(model, optimizer_fn(model), device, grad_scaler(cfg, device))
 
     @classmethod
-    def init_process_group(cls) -> None:
-        """Before the model is built: set up the processes' communication (nothing for one process)."""
+    def init_process_group(cls) -> bool:
+        """Before the model is built: set up the processes' communication (nothing for one process);
+        True when it made a process group."""
+        return False
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
                  scaler: torch.amp.GradScaler | None = None) -> None:

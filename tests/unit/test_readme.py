@@ -33,3 +33,27 @@ def test_readme_plugin_snippet_runs_and_trains_sparse():
         pred = model(torch.tensor(X, dtype=torch.float32) / 16).argmax(1)
     acc = (pred == torch.tensor(y)).float().mean().item()
     assert acc > 0.9, acc                          # 90% sparse MLP still learns digits
+
+
+def test_readme_knobs_table_lists_every_declared_knob_and_the_yaml_schema_has_them_all():
+    """Each sparsity knob is declared once (core SparsityConfig); the YAML section is generated from it
+    and README's knobs table names exactly those knobs."""
+    import dataclasses
+
+    from rigl_ds.config import SparsitySection
+    from rigl_ds.core import SparsityConfig
+
+    declared = [f.name for f in dataclasses.fields(SparsityConfig)]
+    assert list(SparsitySection.model_fields) == declared
+    text = README.read_text()
+    table = text[text.index("### Knobs"):].split("\n### ")[0]
+    named = []
+    for row in table.splitlines()[4:]:
+        if row.startswith("| `"):
+            named += re.findall(r"`([a-z_]+)`", row.split("|")[1])
+    assert sorted(named) == sorted(declared)
+    for f in dataclasses.fields(SparsityConfig):       # the YAML default is the core's (seed: train.seed)
+        yaml_default = SparsitySection.model_fields[f.name].get_default(call_default_factory=True)
+        core_default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        want = {"seed": None, "include": [], "exclude": []}.get(f.name, core_default)
+        assert yaml_default == want, f.name
