@@ -50,6 +50,7 @@ def restore(sp, params, opt, snap):
     masks, weights, moms = snap
     for n in sp.masks:
         sp.masks[n].copy_(masks[n])
+        sp.engine.apply_mask(n, sp.masks[n])          # also refreshes the engine's copy of the mask
         params[n].data.copy_(weights[n])
         opt.state[params[n]]["momentum_buffer"].copy_(moms[n])
 

@@ -118,8 +118,8 @@ class _SparsityRules(_Strict):
             raise ValueError("must be a fraction in (0, 1] or an integer step")
         if isinstance(v, float) and not (math.isfinite(v) and (0.0 <= v if info.field_name == "t_start" else 0.0 < v)
                                          and v <= 1.0):
-            raise ValueError("as a fraction of total steps must be in (0, 1] "
-                             "(an integer is an absolute step)")
+            raise ValueError(f"as a fraction of total steps must be in {'[0' if info.field_name == 't_start' else '(0'}"
+                             ", 1] (an integer is an absolute step)")
         if isinstance(v, int) and v < 0:
             raise ValueError("must be >= 0")
         return v
@@ -132,9 +132,12 @@ class _SparsityRules(_Strict):
             raise ValueError(f"initial_sparsity={self.initial_sparsity} must be <= sparsity={self.sparsity}")
         return self
 
-    def to_core(self, default_seed: int) -> CoreSparsityConfig:
-        """The core's frozen config (method must not be 'dense'); seed None means ``default_seed``."""
+    def to_core(self, default_seed: int, method: Optional[str] = None) -> CoreSparsityConfig:
+        """The core's frozen config (method must not be 'dense' unless ``method`` replaces it); seed
+        None means ``default_seed``."""
         kw = {f.name: getattr(self, f.name) for f in dataclasses.fields(CoreSparsityConfig)}
+        if method is not None:
+            kw["method"] = method
         kw = {k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()}
         if kw["seed"] is None:
             kw["seed"] = default_seed

@@ -6,7 +6,7 @@ from typing import Any
 import torch
 
 from rigl_ds.config import ConfigError, ExperimentConfig
-from rigl_ds.core import (DENSE, SparsityConfig, forward_flops, get_distribution, get_method, nnz_for, select_layers,
+from rigl_ds.core import (DENSE, forward_flops, get_distribution, get_method, nnz_for, select_layers,
                           timeline_flops_ratio, training_flops_ratio)
 from rigl_ds.train import build_experiment
 
@@ -25,7 +25,7 @@ def make_plan(cfg: ExperimentConfig, world: int = 1) -> dict[str, Any]:
             densities = get_distribution(sp.distribution)(layers, sp.sparsity, overrides=sp.overrides,
                                                           power_scale=sp.erk_power_scale)
         method = None if sp.method == DENSE else get_method(sp.method)
-        core = sp.to_core(cfg.train.seed) if method else SparsityConfig(method="static")
+        core = sp.to_core(cfg.train.seed, method=None if method else "static")   # dense: the YAML's delta, t_end
         sched = (method or get_method("static")).make_schedule(core, exp.total_steps)
     except ValueError as e:
         raise ConfigError([f"{cfg.where('sparsity')}: sparsity: {e}"]) from None

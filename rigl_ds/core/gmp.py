@@ -52,8 +52,13 @@ class GMPSchedule:
                 raise ValueError(f"{key} must be a fraction in [0, 1] or an integer step >= 0, got {v!r}")
             return int(round(v * total_steps)) if isinstance(v, float) else v
         ratio = config.initial_sparsity / config.sparsity if config.sparsity > 0 else 1.0
-        return cls(delta=config.delta, t_start=step(config.t_start, "t_start"), t_end=step(config.t_end, "t_end"),
-                   start_ratio=ratio)
+        sched = cls(delta=config.delta, t_start=step(config.t_start, "t_start"), t_end=step(config.t_end, "t_end"),
+                    start_ratio=ratio)
+        if sched.last_step >= total_steps:
+            raise ValueError(f"gmp's last prune (step {sched.last_step}: the first t_start + k*delta at or after "
+                             f"t_end={sched.t_end}) is not before the end of training ({total_steps} steps): the "
+                             "target sparsity would never be reached; lower t_end or delta")
+        return sched
 
     def update_steps(self) -> list[int]:
         """Every prune step: t_start + j*delta for j >= 1, up to the first one at or after t_end."""

@@ -54,8 +54,9 @@ class PackedAllReduce:
                 else:
                     parts.append(flat_in_memory_order(m, p))    # the bucket's layout
                     any_masked = True
-            if any_masked:
-                idx = torch.cat(parts).nonzero().reshape(-1)
+            full = torch.cat(parts) if any_masked else None
+            if full is not None and not bool(full.all()):     # all active (gmp's dense start): plain all-reduce
+                idx = full.nonzero().reshape(-1)
                 # int32 halves the cache (index_select and index_put_ take int32 indices)
                 self._index_cache[key] = idx.to(torch.int32) if idx.numel() and idx[-1] < 2**31 - 1 else idx
             else:

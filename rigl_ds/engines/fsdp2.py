@@ -207,8 +207,8 @@ class FSDP2Engine(LocalEngine):
 
     def sync_masks(self, masks: Mapping[str, Tensor]) -> None:
         """Nothing to send: every rank computes the same global decision (from the same all-gathered
-        candidates) and keeps its slice; the sparsifier checks the exact active count of every
-        layer over all ranks after each update."""
+        candidates) and keeps its slice; the sparsifier checks the exact active count over all
+        ranks of every layer the update changed."""
 
     def check_masks(self, masks: Mapping[str, Tensor]) -> None:
         """Each rank's masks must have its local shards' shapes."""

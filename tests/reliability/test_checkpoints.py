@@ -132,7 +132,7 @@ def test_checkpoint_of_another_sparsity_or_model_is_refused(straight, tmp_path):
     nnz = {r["name"]: r["nnz"] for r in make_plan(load_config(ROOT / "configs/quickstart.yaml",
                                                               ["sparsity.sparsity=0.8"]))["layers"]}
     with pytest.raises(CheckpointError, match=rf"does not fit this experiment: mask 'features.3.weight' has 1888 "
-                                              rf"active weights, this sparsifier expects {nnz['features.3.weight']} "
+                                              rf"active weights, this sparsifier expects {nnz['features.3.weight']} at step 44 "
                                               r"\(another sparsity"):
         run(tmp_path / "a", "sparsity.sparsity=0.8", f"resume={good}")
     with pytest.raises(CheckpointError, match=r"step_00000044.pt does not fit this model/optimizer \(another model\?\)"):

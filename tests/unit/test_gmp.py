@@ -64,6 +64,8 @@ def test_gmp_is_registered_once_and_refuses_bad_knobs():
         GMP(make(), None, total_steps=10, sparsity=0.5, initial_sparsity=0.6)
     with pytest.raises(ValueError, match="t_start < t_end"):
         GMP(make(), None, total_steps=10, sparsity=0.5, t_start=8, t_end=5)
+    with pytest.raises(ValueError, match="last prune \\(step 100.*never be reached"):
+        GMP(make(), None, total_steps=60, sparsity=0.5, t_end=0.75, delta=100)     # would stay dense
     with pytest.raises(ValueError, match="unknown method 'gmpp'; allowed: static, set, rigl, gmp"):
         get_method("gmpp")
 

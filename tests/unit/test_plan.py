@@ -39,9 +39,9 @@ def test_plan_json_hand_counted(tmp_path, capsys):
 def test_plan_table_and_static_dense(tmp_path, capsys):
     cfg = tmp_path / "p.yaml"
     cfg.write_text("name: plan\nmodel: {name: 'tests.helpers:plan_net'}\ntrain: {epochs: 1}\n")
-    assert main(["plan", str(cfg), "sparsity.method=dense"]) == 0
+    assert main(["plan", str(cfg), "sparsity.method=dense", "sparsity.delta=7"]) == 0
     out = capsys.readouterr().out
-    assert "global density 1.000000" in out and "0 mask updates" in out
+    assert "global density 1.000000" in out and "0 mask updates" in out and "delta 7," in out
     assert main(["plan", str(cfg), "sparsity.method=static", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["schedule"]["num_mask_updates"] == 0
