@@ -14,5 +14,6 @@ __all__ = [
     "DENSE", "DISTRIBUTIONS", "Engine", "ForwardFlops", "GMP", "MaskedLayer", "RigL", "SET", "Sparsifier",
     "SparsityConfig", "Static", "UpdateSchedule", "achieved_density", "build_sparsifier",
     "drop_and_grow", "er", "erk", "forward_flops", "get_distribution", "get_method", "method_names",
-    "nnz_for", "random_mask", "register_method", "select_changes", "select_layers", "timeline_flops_ratio", "training_flops_ratio", "uniform", "uniform_nv", "update_mask",
+    "nnz_for", "random_mask", "register_method", "select_changes", "select_layers", "timeline_flops_ratio",
+    "training_flops_ratio", "uniform", "uniform_nv", "update_mask",
 ]

@@ -36,7 +36,6 @@ class GMPSchedule:
     t_start: int
     t_end: int
     start_ratio: float      # s_i / s_f: where the curve starts, as a fraction of the final zeros
-    grad_accumulation_n: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.delta, bool) or not isinstance(self.delta, int) or self.delta < 1:
@@ -62,12 +61,15 @@ class GMPSchedule:
 
     def update_steps(self) -> list[int]:
         """Every prune step: t_start + j*delta for j >= 1, up to the first one at or after t_end."""
-        n = -(-(self.t_end - self.t_start) // self.delta)
-        return [self.t_start + j * self.delta for j in range(1, n + 1)]
+        return [self.t_start + j * self.delta for j in range(1, self.num_updates + 1)]
 
     @property
     def num_updates(self) -> int:
         return -(-(self.t_end - self.t_start) // self.delta)
+
+    def updates_before(self, step: int) -> int:
+        """How many prunes happen at steps before ``step``."""
+        return min(self.num_updates, max(0, (step - self.t_start - 1) // self.delta))
 
     @property
     def last_step(self) -> int:
@@ -84,10 +86,6 @@ class GMPSchedule:
         """g(t): the fraction of each layer's final zeros in force after the prune at step t."""
         p = min(1.0, max(0.0, (t - self.t_start) / (self.t_end - self.t_start)))
         return 1.0 - (1.0 - self.start_ratio) * (1.0 - p) ** 3
-
-    def drop_fraction(self, t: int) -> float:
-        """Not a fixed fraction for GMP: see :meth:`GMP.counts` (the realised fraction is logged)."""
-        return 0.0
 
 
 def layer_counts(final: Mapping[str, int], numel: Mapping[str, int], g: float, *, last: bool) -> dict[str, int]:
@@ -115,10 +113,7 @@ class GMP(Sparsifier):
     @classmethod
     def counts_at(cls, schedule: GMPSchedule, final: Mapping[str, int], numel: Mapping[str, int],
                   step: int) -> dict[str, int]:
-        done = [u for u in schedule.update_steps() if u < step]
-        if not done:
-            return layer_counts(final, numel, schedule.zeros_fraction(schedule.t_start), last=False)
-        u = done[-1]
+        u = schedule.t_start + schedule.updates_before(step) * schedule.delta    # the last prune before step
         return layer_counts(final, numel, schedule.zeros_fraction(u), last=u == schedule.last_step)
 
     def counts(self, due_at: int) -> tuple[dict[str, tuple[int, int]], float]:

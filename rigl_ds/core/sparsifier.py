@@ -161,7 +161,7 @@ class Sparsifier:
     @classmethod
     def make_schedule(cls, config: SparsityConfig, total_steps: int) -> Any:
         """The count schedule: when masks change (``is_update_step``, ``update_steps``,
-        ``accumulates``, ``num_updates``) and the drop fraction (``drop_fraction``)."""
+        ``accumulates``, ``num_updates``); the base :meth:`counts` also reads ``drop_fraction``."""
         return UpdateSchedule.from_total_steps(
             total_steps, delta=config.delta, t_end=config.t_end, alpha=config.alpha, anneal=config.anneal,
             grad_accumulation_n=config.grad_accumulation_n)
