@@ -12,6 +12,7 @@ import inspect
 import math
 import os
 import pathlib
+import re
 import typing
 from typing import Any, Literal, Optional, Union
 
@@ -19,7 +20,7 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, create_model,
                       field_validator, model_validator)
 
-from rigl_ds.core import DENSE, get_method
+from rigl_ds.core import DENSE, get_method, get_structure
 from rigl_ds.core.sparsifier import SparsityConfig as CoreSparsityConfig
 from rigl_ds.engines import engine_names
 
@@ -123,6 +124,11 @@ class _SparsityRules(_Strict):
         if isinstance(v, int) and v < 0:
             raise ValueError("must be >= 0")
         return v
+
+    @field_validator("structure", mode="before", check_fields=False)
+    @classmethod
+    def _structure(cls, v: Any) -> str:
+        return get_structure(v).describe()          # ValueError naming the allowed spellings
 
     @model_validator(mode="after")
     def _acc(self) -> "_SparsityRules":
@@ -274,7 +280,7 @@ def _read_yaml(path: pathlib.Path, chain: tuple[pathlib.Path, ...] = ()) -> dict
     except OSError as e:
         raise ConfigError([f"{path}: cannot read: {e.strerror}"]) from None
     try:
-        doc = yaml.safe_load(text)
+        doc = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as e:
         raise ConfigError([f"{path}: not valid YAML: {e}"]) from None
     if doc is None:
@@ -293,6 +299,20 @@ def _read_yaml(path: pathlib.Path, chain: tuple[pathlib.Path, ...] = ()) -> dict
     return _deep_merge(base, doc)
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader without YAML 1.1's base-60 numbers (YAML 1.2 dropped them): ``2:4`` (an
+    N:M structure) stays the string it reads as, not the number 124."""
+
+
+_INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_Loader.yaml_implicit_resolvers = {k: [(tag, rx) for tag, rx in v if tag not in (_INT, _FLOAT)]
+                                   for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(_INT, re.compile(r"""^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)
+    |[-+]?0x[0-9a-fA-F_]+)$""", re.X), list("-+0123456789"))
+_Loader.add_implicit_resolver(_FLOAT, re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?
+    |\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""", re.X), list("-+0123456789."))
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """``a.b.c=value`` -> (["a", "b", "c"], YAML-parsed value)."""
     if "=" not in item:
@@ -302,7 +322,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not key.strip() or any(not p for p in parts):
         raise ConfigError([f"override {item!r}: bad key {key!r}"])
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml.load(raw, Loader=_Loader) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     return parts, value

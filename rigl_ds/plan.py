@@ -6,8 +6,8 @@ from typing import Any
 import torch
 
 from rigl_ds.config import ConfigError, ExperimentConfig
-from rigl_ds.core import (DENSE, forward_flops, get_distribution, get_method, nnz_for, select_layers,
-                          timeline_flops_ratio, training_flops_ratio)
+from rigl_ds.core import (DENSE, forward_flops, get_method, plan_layers, select_layers, timeline_flops_ratio,
+                          training_flops_ratio)
 from rigl_ds.train import build_experiment
 
 
@@ -19,20 +19,18 @@ def make_plan(cfg: ExperimentConfig, world: int = 1) -> dict[str, Any]:
     sp = cfg.sparsity
     try:
         layers = select_layers(exp.model, sp.include, sp.exclude)
-        if sp.method == DENSE:
-            densities = {l.name: 1.0 for l in layers}
-        else:
-            densities = get_distribution(sp.distribution)(layers, sp.sparsity, overrides=sp.overrides,
-                                                          power_scale=sp.erk_power_scale)
         method = None if sp.method == DENSE else get_method(sp.method)
         core = sp.to_core(cfg.train.seed, method=None if method else "static")   # dense: the YAML's delta, t_end
         sched = (method or get_method("static")).make_schedule(core, exp.total_steps)
+        planned = plan_layers(layers, core) if method else {}
     except ValueError as e:
         raise ConfigError([f"{cfg.where('sparsity')}: sparsity: {e}"]) from None
     rows = []
     for l in layers:
-        nnz = nnz_for(l.numel, densities[l.name])
-        rows.append({"name": l.name, "shape": list(l.shape), "numel": l.numel, "density": nnz / l.numel, "nnz": nnz})
+        nnz = planned[l.name].nnz if method else l.numel
+        group = planned[l.name].group if method else l.numel
+        rows.append({"name": l.name, "shape": list(l.shape), "numel": l.numel, "density": nnz / l.numel, "nnz": nnz,
+                     "group": group})
     total = sum(r["numel"] for r in rows)
     exact = {r["name"]: r["density"] for r in rows}
     f = forward_flops(exp.model, torch.empty((1, *exp.info.input_shape), device="meta"), exact)
@@ -42,7 +40,7 @@ def make_plan(cfg: ExperimentConfig, world: int = 1) -> dict[str, Any]:
     numel = {r["name"]: r["numel"] for r in rows}
     if method is not None:
         for step in [0] + [u + 1 for u in (sched.update_steps() if dynamic else [])]:
-            counts = method.counts_at(sched, final, numel, step)
+            counts = method.counts_at(sched, final, numel, step, {r["name"]: r["numel"] // r["group"] for r in rows})
             if not timeline or counts != timeline[-1][1]:
                 timeline.append((step, counts))
     points = [(s, sum(c.values()) / total, f.at({n: c[n] / numel[n] for n in c})) for s, c in timeline]
@@ -57,6 +55,7 @@ def make_plan(cfg: ExperimentConfig, world: int = 1) -> dict[str, Any]:
         "model": cfg.model.name,
         "method": sp.method,
         "distribution": sp.distribution,
+        "structure": sp.structure,
         "sparsity": sp.sparsity,
         "global_density": sum(r["nnz"] for r in rows) / total,
         "layers": rows,
@@ -87,10 +86,12 @@ def make_plan(cfg: ExperimentConfig, world: int = 1) -> dict[str, Any]:
 def format_plan(plan: dict[str, Any]) -> str:
     """A human-readable table of the plan."""
     lines = [f"model {plan['model']}  method {plan['method']}  distribution {plan['distribution']}  "
-             f"target sparsity {plan['sparsity']}",
-             f"{'layer':<44} {'shape':<20} {'numel':>10} {'nnz':>10} {'density':>8}"]
+             f"structure {plan['structure']}  target sparsity {plan['sparsity']}",
+             f"{'layer':<44} {'shape':<20} {'numel':>10} {'nnz':>10} {'density':>8} {'active/group':>14}"]
     for r in plan["layers"]:
-        lines.append(f"{r['name']:<44} {str(tuple(r['shape'])):<20} {r['numel']:>10} {r['nnz']:>10} {r['density']:>8.4f}")
+        per_group = f"{r['nnz'] * r['group'] // r['numel']}/{r['group']}" if r["group"] < r["numel"] else "whole layer"
+        lines.append(f"{r['name']:<44} {str(tuple(r['shape'])):<20} {r['numel']:>10} {r['nnz']:>10} "
+                     f"{r['density']:>8.4f} {per_group:>14}")
     f, s = plan["flops"], plan["schedule"]
     lines += [
         f"global density {plan['global_density']:.6f}",

@@ -11,7 +11,7 @@ from typing import Callable, Mapping, Protocol, Sequence, runtime_checkable
 from torch import Tensor
 
 from .layers import MaskedLayer
-from .selection import select_changes
+from .selection import Change, select_layer
 
 
 @runtime_checkable
@@ -41,18 +41,19 @@ class Engine(Protocol):
         """The inverse of :meth:`shard`: the whole layer from every rank's part (a collective on
         sharded engines, so every rank calls it; ``part`` itself where masks are whole)."""
 
-    def select(self, masks: Mapping[str, Tensor], counts: Mapping[str, tuple[int, int]],
+    def select(self, masks: Mapping[str, Tensor], changes: Mapping[str, Change],
                drop_score: Callable[[str], Tensor], grow_score: Callable[[str], Tensor]
                ) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
-        """Carry out the core's decision: for each layer named in ``counts`` (``k_drop``, ``k_grow``),
-        drop its ``k_drop`` active positions of smallest ``drop_score(name)``, then grow the
-        ``k_grow`` of largest ``grow_score(name)`` among those inactive after the drop (SPEC §4,
-        ties to the lower global index), exactly over the whole layer, on the part this rank holds
-        (the scores are of that part). This is :func:`rigl_ds.core.selection.select_changes`; a
-        sharded engine runs it as an exact top-k over the shards. Returns per layer (new mask,
-        dropped, grown): this rank's flat positions that changed (a position dropped and regrown
-        is in neither). The scores are asked for in ``counts``' order, ``grow_score`` only where
-        ``k_grow > 0``."""
+        """Carry out the core's decision for each layer named in ``changes``, on the part this rank
+        holds (the scores are of that part): :func:`rigl_ds.core.selection.select_layer`, exact over
+        the whole layer. One group spanning the layer (unstructured): drop ``k_drop`` active positions
+        of smallest ``drop_score(name)``, grow the ``k_grow`` of largest ``grow_score(name)`` among
+        those inactive after the drop (SPEC §4, ties to the lower global index); a sharded engine
+        runs this as an exact top-k over the shards. Groups within rows (a structure): the
+        layer-wide drop is the only part that may span ranks; every group's own selection is local.
+        Returns per layer (new mask, dropped, grown): this rank's flat positions that changed (a
+        position dropped and regrown is in neither). The scores are asked for in ``changes``'
+        order, ``grow_score`` only where ``k_grow > 0``."""
 
     def total(self, t: Tensor) -> Tensor:
         """The sum of ``t`` over the ranks that hold different parts of the masks (in place);
@@ -97,12 +98,12 @@ class WholeMasks:
     def whole(self, name: str, part: Tensor) -> Tensor:
         return part
 
-    def select(self, masks: Mapping[str, Tensor], counts: Mapping[str, tuple[int, int]],
+    def select(self, masks: Mapping[str, Tensor], changes: Mapping[str, Change],
                drop_score: Callable[[str], Tensor], grow_score: Callable[[str], Tensor]
                ) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
         # one layer at a time: a single layer's scores are alive at once
-        return {n: select_changes(masks[n], drop_score(n), grow_score(n) if kg else None, kd, kg)
-                for n, (kd, kg) in counts.items()}
+        return {n: select_layer(masks[n], drop_score(n), grow_score(n) if c.k_grow else None, c)
+                for n, c in changes.items()}
 
     def total(self, t: Tensor) -> Tensor:
         return t

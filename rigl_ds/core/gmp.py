@@ -1,8 +1,8 @@
 """Gradual magnitude pruning (GMP): dense to sparse on a cubic schedule (Zhu & Gupta, "To prune, or
 not to prune", 2017), the dense-to-sparse baseline of the RigL paper's tables.
 
-Every ``delta`` steps from ``t_start`` the smallest-|w| active weights of each layer are pruned,
-nothing grows, until ``t_end``; the sparsity follows
+Every ``delta`` steps from ``t_start`` the smallest-|w| active weights of each layer (of each group
+of a structure) are pruned, nothing grows, until ``t_end``; the sparsity follows
 
     s_t = s_f + (s_i - s_f) * (1 - (t - t_start) / (t_end - t_start))**3,
 
@@ -88,12 +88,18 @@ class GMPSchedule:
         return 1.0 - (1.0 - self.start_ratio) * (1.0 - p) ** 3
 
 
-def layer_counts(final: Mapping[str, int], numel: Mapping[str, int], g: float, *, last: bool) -> dict[str, int]:
-    """Active weights per layer with ``floor(Z_l * g)`` zeros (``Z_l = numel - final``); exactly the
-    final counts at the last prune step."""
+def layer_counts(final: Mapping[str, int], numel: Mapping[str, int], g: float, groups: Mapping[str, int], *,
+                 last: bool) -> dict[str, int]:
+    """Active weights per layer with ``floor(Z_l * g)`` zeros (``Z_l = numel - final``), floored to a
+    multiple of the layer's number of ``groups`` (a structure keeps the same count in every group:
+    a 2:4 layer goes 4:4, 3:4, 2:4); exactly the final counts at the last prune step."""
     if last:
         return dict(final)
-    return {n: numel[n] - min(numel[n] - final[n], math.floor((numel[n] - final[n]) * g + 1e-9)) for n in final}
+    out = {}
+    for n in final:
+        zeros = min(numel[n] - final[n], math.floor((numel[n] - final[n]) * g + 1e-9))
+        out[n] = numel[n] - zeros // groups[n] * groups[n]
+    return out
 
 
 @register_method
@@ -112,14 +118,14 @@ class GMP(Sparsifier):
 
     @classmethod
     def counts_at(cls, schedule: GMPSchedule, final: Mapping[str, int], numel: Mapping[str, int],
-                  step: int) -> dict[str, int]:
+                  step: int, groups: Mapping[str, int]) -> dict[str, int]:
         u = schedule.t_start + schedule.updates_before(step) * schedule.delta    # the last prune before step
-        return layer_counts(final, numel, schedule.zeros_fraction(u), last=u == schedule.last_step)
+        return layer_counts(final, numel, schedule.zeros_fraction(u), groups, last=u == schedule.last_step)
 
     def counts(self, due_at: int) -> tuple[dict[str, tuple[int, int]], float]:
         """Prune each layer down to its count on the curve at ``due_at``; grow nothing."""
         sched = self.schedule
-        target = layer_counts(self.final_nnz, self._numel, sched.zeros_fraction(due_at),
+        target = layer_counts(self.final_nnz, self._numel, sched.zeros_fraction(due_at), self._groups,
                               last=due_at == sched.last_step)
         out = {n: (self.nnz[n] - target[n], 0) for n in self.nnz if self.nnz[n] > target[n]}
         before = sum(self.nnz.values())

@@ -13,6 +13,7 @@ the result is reproducible bit for bit on any device and any number of ranks.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -173,3 +174,125 @@ def update_mask_with_changes(mask: Tensor, weight: Tensor, grow_score: Tensor, k
 def update_mask(mask: Tensor, weight: Tensor, grow_score: Tensor, k: int) -> Tensor:
     """Fast drop-and-grow, exactly equal to ``drop_and_grow(mask, weight.abs(), grow_score, k)``."""
     return update_mask_with_changes(mask, weight, grow_score, k)[0]
+
+
+# ---------------------------------------------------------------------------- grouped selection
+# A structure (rigl_ds.core.structures) cuts a layer's flat positions into equal groups of
+# ``group`` consecutive positions with the same active count (the quota) in each. The rule, fixed
+# here for every implementation:
+#
+# * an update that grows (RigL, SET): drop ``k_drop`` active positions of smallest drop score over
+#   the whole layer (as the unstructured drop), then in every group grow the positions of largest
+#   grow score among its inactive ones (a just-dropped one included) until the group holds its
+#   quota again (SRigL's drop-then-regrow-per-neuron). The drop fraction keeps its meaning even
+#   where it is below one weight per group (2:4 at f < 0.5).
+# * an update that only drops (GMP): every group drops its excess over the new quota, smallest
+#   drop score first.
+#
+# Ties go to the lower flat index, as in the unstructured selection. With one group (the whole
+# layer) both are exactly drop_and_grow.
+
+
+def _pick_in_groups(scores: Tensor, eligible: Tensor, count: Tensor, *, largest: bool) -> Tensor:
+    """Flat positions (ascending) of the ``count[g]`` eligible positions of largest (or smallest)
+    score in each row ``g`` of the (groups, group) tensors ``scores``/``eligible``, ties to the lower
+    index. Sorts each group: stable by score, then stably eligible first."""
+    if bool((count > eligible.sum(1)).any()):
+        raise ValueError("a group has fewer eligible positions than it must select")
+    order = torch.sort(scores, dim=1, descending=largest, stable=True).indices
+    order = order.gather(1, torch.sort((~eligible.gather(1, order)).to(torch.uint8), dim=1, stable=True).indices)
+    take = torch.arange(scores.shape[1], device=scores.device).unsqueeze(0) < count.unsqueeze(1)
+    base = torch.arange(scores.shape[0], device=scores.device).unsqueeze(1) * scores.shape[1]
+    return torch.sort((order + base)[take]).values
+
+
+def select_grouped(mask: Tensor, drop_score: Tensor, grow_score: Tensor | None, group: int, quota: int,
+                   k_drop: int, *, dropped: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The structured update of one layer (or of a part of it made of whole groups): every group of
+    ``group`` consecutive flat positions ends with exactly ``quota`` active. Returns (new mask,
+    flat positions dropped for good, flat positions newly grown), as :func:`select_changes`.
+
+    With a ``grow_score``: the ``k_drop`` active positions of smallest ``drop_score`` over the part
+    are dropped (or ``dropped``, flat positions an engine chose exactly over a layer that spans ranks),
+    then each group grows back to ``quota``. Without: each group drops down to ``quota``."""
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be torch.bool, got {mask.dtype}")
+    flat = mask.reshape(-1)
+    if group < 1 or flat.numel() % group or not 0 <= quota <= group:
+        raise ValueError(f"groups of {group} with {quota} active do not fit {flat.numel()} positions")
+    new = flat.clone()
+    active = flat.view(-1, group).sum(1)
+    if grow_score is None:
+        excess = active - quota
+        if bool((excess < 0).any()):
+            raise ValueError(f"a group holds fewer than its quota of {quota} active positions and nothing grows")
+        out = _pick_in_groups(drop_score.reshape(-1, group), flat.view(-1, group), excess, largest=False)
+        new[out] = False
+        return new.view(mask.shape), out, out[:0]
+    if dropped is None:
+        dropped = torch.zeros(0, dtype=torch.long, device=mask.device)
+        if k_drop:
+            act = flat.nonzero().view(-1)
+            if k_drop > act.numel():
+                raise ValueError(f"k must be in [0, n_active={act.numel()}], got {k_drop}")
+            dropped = act[k_extreme_positions(drop_score.reshape(-1).index_select(0, act), k_drop, largest=False)]
+    new[dropped] = False
+    after = new.view(-1, group)
+    deficit = quota - after.sum(1)
+    if bool((deficit < 0).any()):
+        raise ValueError(f"a group holds more than its quota of {quota} active positions after the drop")
+    grown = _pick_in_groups(grow_score.reshape(-1, group), ~after, deficit, largest=True)
+    new[grown] = True
+    return new.view(mask.shape), dropped[~new[dropped]], grown[~flat[grown]]
+
+
+def select_grouped_reference(mask: Tensor, drop_score: Tensor, grow_score: Tensor | None, group: int, quota: int,
+                             k_drop: int) -> Tensor:
+    """The sort-based reference of :func:`select_grouped` (new mask only): :func:`drop_and_grow` on
+    the whole part for the drop, then on each group for its growth (or its drop, without growth)."""
+    flat = mask.reshape(-1)
+    if grow_score is None:
+        parts = [drop_and_grow(g, d, None, int(g.sum()) - quota, 0)
+                 for g, d in zip(flat.split(group), drop_score.reshape(-1).split(group))]
+        return torch.cat(parts).view(mask.shape)
+    after = drop_and_grow(flat, drop_score.reshape(-1), None, k_drop, 0)
+    parts = [drop_and_grow(g, torch.zeros(group), s, 0, quota - int(g.sum()))
+             for g, s in zip(after.split(group), grow_score.reshape(-1).split(group))]
+    return torch.cat(parts).view(mask.shape)
+
+
+class Change(NamedTuple):
+    """What one layer's update must do: drop ``k_drop`` and grow ``k_grow`` positions (global counts),
+    in groups of ``group`` consecutive flat positions (the whole layer: unstructured) that each end
+    with ``quota`` active."""
+
+    k_drop: int
+    k_grow: int
+    group: int
+    quota: int
+
+
+def select_layer(mask: Tensor, drop_score: Tensor, grow_score: Tensor | None, change: Change
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """One layer's update, held whole: :func:`select_changes` for one group spanning the mask,
+    :func:`select_grouped` otherwise."""
+    if change.group == mask.numel():
+        return select_changes(mask, drop_score, grow_score, change.k_drop, change.k_grow)
+    return select_grouped(mask, drop_score, grow_score, change.group, change.quota, change.k_drop)
+
+
+def random_grouped_mask(numel: int, group: int, quota: int, generator: torch.Generator,
+                        prefer: Tensor | None = None) -> Tensor:
+    """A flat CPU bool mask with exactly ``quota`` ones at uniformly random positions of every group
+    of ``group`` consecutive positions; with one group, exactly :func:`random_mask`. ``prefer`` (as
+    there) puts a group's ones on its preferred positions first."""
+    if group == numel:
+        return random_mask(numel, quota, generator, prefer)
+    if group < 1 or numel % group or not 0 <= quota <= group:
+        raise ValueError(f"groups of {group} with {quota} active do not fit {numel} positions")
+    key = torch.rand(numel // group, group, generator=generator)
+    if prefer is not None:
+        key = key - prefer.reshape(-1, group).cpu().to(key.dtype)      # preferred first (keys in [-1, 0))
+    take = torch.zeros(numel // group, group, dtype=torch.bool)
+    take.scatter_(1, key.argsort(dim=1)[:, :quota], True)
+    return take.view(-1)

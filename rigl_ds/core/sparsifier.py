@@ -21,17 +21,18 @@ import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .distributions import DISTRIBUTIONS, achieved_density, get_distribution, nnz_for
+from .distributions import DISTRIBUTIONS, get_distribution, nnz_for
 from .engine import Engine
 from .layers import MaskedLayer, select_layers
 from .methods import get_method, method_names, register_method
 from .schedule import ANNEALS, UpdateSchedule
-from .selection import random_mask
+from .selection import Change, random_grouped_mask
+from .structures import get_structure
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,9 @@ class SparsityConfig:
     method: str = knob("rigl", "the method (rigl_ds.core.methods registry); YAML also: dense", yaml=_yaml_methods)
     sparsity: float = knob(0.9, "fraction of masked-layer weights that are zero", ge=0.0, lt=1.0)
     distribution: str = knob("erk", "per-layer sparsity: see rigl_ds.core.distributions", yaml=_yaml_distributions)
+    structure: str = knob("unstructured", "how many stay active where: unstructured, fan_in (the same count in every "
+                          "output row) or \"N:M\" (N of every M consecutive weights of a row); see "
+                          "rigl_ds.core.structures")
     delta: int = knob(100, "steps between mask updates (ΔT)", ge=1)
     alpha: float = knob(0.3, "initial drop fraction", ge=0.0, le=1.0)
     t_end: float | int = knob(0.75, "updates stop here: a fraction of total steps (float) or a step (int)",
@@ -105,6 +109,7 @@ class SparsityConfig:
         if self.distribution not in DISTRIBUTIONS:
             raise ValueError(
                 f"distribution must be one of {', '.join(DISTRIBUTIONS)}, got {self.distribution!r}")
+        get_structure(self.structure)            # ValueError naming the allowed spellings
         if self.anneal not in ANNEALS:
             raise ValueError(f"anneal must be one of {', '.join(ANNEALS)}, got {self.anneal!r}")
         s = self.sparsity
@@ -117,6 +122,31 @@ class SparsityConfig:
         object.__setattr__(self, "include", tuple(self.include))
         object.__setattr__(self, "exclude", tuple(self.exclude))
         object.__setattr__(self, "overrides", dict(self.overrides))
+
+
+class LayerPlan(NamedTuple):
+    """One masked layer at the end of training: the distribution's ``density``, the active count
+    ``nnz`` the structure gives it, and its ``group`` size (the whole layer for a dense one)."""
+
+    numel: int
+    density: float
+    nnz: int
+    group: int
+
+
+def plan_layers(layers: Sequence[MaskedLayer], config: SparsityConfig) -> dict[str, LayerPlan]:
+    """The final per-layer counts of ``config`` over ``layers``: the distribution's density, floored
+    to a count (SPEC §3), then held by the structure. Pure: the sparsifier and ``rigl-ds plan`` both
+    read it. ValueError (a StructureError) naming a layer the structure cannot hold."""
+    structure = get_structure(config.structure)
+    densities = get_distribution(config.distribution)(layers, config.sparsity, overrides=config.overrides,
+                                                      power_scale=config.erk_power_scale)
+    out: dict[str, LayerPlan] = {}
+    for l in layers:
+        nnz = structure.count(l.name, l.shape, nnz_for(l.numel, densities[l.name]))
+        group = l.numel if nnz == l.numel else structure.group_size(l.name, l.shape)
+        out[l.name] = LayerPlan(l.numel, densities[l.name], nnz, group)
+    return out
 
 
 @dataclass(frozen=True)
@@ -167,9 +197,11 @@ class Sparsifier:
             grad_accumulation_n=config.grad_accumulation_n)
 
     @classmethod
-    def counts_at(cls, schedule: Any, final: Mapping[str, int], numel: Mapping[str, int], step: int) -> dict[str, int]:
-        """Active weights per layer in force at ``step`` (after every update before it). Pure: the
-        plan and the FLOPs count use it without a model. RigL, SET, static: the final counts always."""
+    def counts_at(cls, schedule: Any, final: Mapping[str, int], numel: Mapping[str, int], step: int,
+                  groups: Mapping[str, int]) -> dict[str, int]:
+        """Active weights per layer in force at ``step`` (after every update before it), each a
+        multiple of the layer's number of ``groups`` (the structure's). Pure: the plan and the FLOPs
+        count use it without a model. RigL, SET, static: the final counts always."""
         return dict(final)
 
     def counts(self, due_at: int) -> tuple[dict[str, tuple[int, int]], float]:
@@ -212,15 +244,20 @@ class Sparsifier:
         self.layers: list[MaskedLayer] = select_layers(model, cfg.include, cfg.exclude)
         if not self.layers:
             raise ValueError("the model has no layer to mask (no Conv/Linear weight, or all excluded)")
-        self.densities: dict[str, float] = get_distribution(cfg.distribution)(
-            self.layers, cfg.sparsity, overrides=cfg.overrides, power_scale=cfg.erk_power_scale)
-        #: the planned counts at the end of training (the distribution's)
-        self.final_nnz: dict[str, int] = {l.name: nnz_for(l.numel, self.densities[l.name]) for l in self.layers}
+        self.structure = get_structure(cfg.structure)
+        plan = plan_layers(self.layers, cfg)
+        #: the distribution's density of each layer (before the structure rounds its count)
+        self.densities: dict[str, float] = {n: p.density for n, p in plan.items()}
+        #: the planned counts at the end of training (the distribution's, as the structure holds them)
+        self.final_nnz: dict[str, int] = {n: p.nnz for n, p in plan.items()}
+        #: positions per group of each layer (the whole layer: unstructured, or a dense layer)
+        self.group: dict[str, int] = {n: p.group for n, p in plan.items()}
         self.shapes: dict[str, tuple[int, ...]] = {l.name: l.shape for l in self.layers}   # whole layers
         self._numel = {l.name: l.numel for l in self.layers}
+        self._groups = {n: self._numel[n] // g for n, g in self.group.items()}
         self.schedule = type(self).make_schedule(cfg, total_steps)
         #: the counts in force now: every update checks the masks hold exactly these
-        self.nnz: dict[str, int] = type(self).counts_at(self.schedule, self.final_nnz, self._numel, 0)
+        self.nnz: dict[str, int] = type(self).counts_at(self.schedule, self.final_nnz, self._numel, 0, self._groups)
         skip = cfg.skip_step_on_update
         self.skip_step_on_update: bool = type(self).skips_step_on_update if skip is None else bool(skip)
         if engine is None:
@@ -248,7 +285,9 @@ class Sparsifier:
                 prefer = self.engine.whole(layer.name, w != 0)
                 logger.info("%s already holds %d zero weights: its %d nonzero weights are kept first in the "
                             "initial mask of %d active", layer.name, layer.numel - nz, nz, self.nnz[layer.name])
-            flat = random_mask(layer.numel, self.nnz[layer.name], self.generator, prefer)
+            n = layer.name
+            flat = random_grouped_mask(layer.numel, self.group[n], self.nnz[n] // self._groups[n], self.generator,
+                                       prefer)
             masks[layer.name] = self.engine.shard(layer.name, flat.view(layer.shape)).to(w.device)
         self.engine.sync_masks(masks)
         self.masks = masks
@@ -277,8 +316,9 @@ class Sparsifier:
     @property
     def planned_density(self) -> float:
         """The plan at the end of training: active weights / all weights over the masked layers,
-        after flooring each layer's zeros. What the masks hold is :meth:`measure`."""
-        return achieved_density(self.layers, self.densities)
+        after flooring each layer's zeros and rounding to the structure. What the masks hold is
+        :meth:`measure`."""
+        return sum(self.final_nnz.values()) / sum(self._numel.values())
 
     @property
     def target_density(self) -> float:
@@ -377,23 +417,27 @@ class Sparsifier:
         self.engine.check_masks(self.masks)      # the masks we start from agree on every rank
         ks, fraction = self.counts(due_at)
         expected = {n: self.nnz[n] - kd + kg for n, (kd, kg) in ks.items()}
-        chosen = self.engine.select(self.masks, ks, self.drop_score, lambda name: self.grow_score(name, grads))
+        plan = {n: Change(kd, kg, self.group[n], expected[n] // self._groups[n]) for n, (kd, kg) in ks.items()}
+        chosen = self.engine.select(self.masks, plan, self.drop_score, lambda name: self.grow_score(name, grads))
         new_masks = {n: c[0] for n, c in chosen.items()}
         changes = {n: (c[1], c[2]) for n, c in chosen.items()}
         self.engine.sync_masks(new_masks)
         names = list(new_masks)
-        # per layer (active, grown) over all ranks: the exact active count is checked on every update
-        active = torch.stack([torch.count_nonzero(new_masks[n]) for n in names]).cpu() if names else \
-            torch.zeros(0, dtype=torch.int64)
-        grown_here = torch.tensor([changes[n][1].numel() for n in names], dtype=torch.int64)
-        counts = self.engine.total(torch.stack([active, grown_here], dim=1))
+        # per layer (active, grown, groups off their quota) over all ranks: the exact active count and
+        # the structure are checked on every update
+        rows = [torch.stack([torch.count_nonzero(new_masks[n]), self._off_quota(n, new_masks[n], plan[n].quota)])
+                for n in names]
+        local = torch.cat([torch.stack(rows).cpu(), torch.tensor([[changes[n][1].numel()] for n in names])], dim=1) \
+            if rows else torch.zeros(0, 3, dtype=torch.int64)
+        counts = self.engine.total(local[:, [0, 2, 1]])       # (active, grown, groups off quota)
         per_layer: dict[str, float] = {}
         grown_total = 0
         for i, name in enumerate(names):
             active, grown = int(counts[i, 0]), int(counts[i, 1])
-            if active != expected[name]:
-                raise RuntimeError(f"step {t}: layer {name!r} has {active} active weights after the mask update, "
-                                   f"expected {expected[name]}")
+            if active != expected[name] or int(counts[i, 2]):
+                raise RuntimeError(f"step {t}: layer {name!r} has {active} active weights after the mask update "
+                                   f"({int(counts[i, 2])} groups of {self.group[name]} not holding "
+                                   f"{plan[name].quota}), expected {expected[name]}")
             old, new = self.masks[name], new_masks[name]
             dropped, grown_idx = changes[name]
             self.engine.apply_update(name, old, new, dropped, grown_idx)
@@ -410,6 +454,14 @@ class Sparsifier:
         self._score_count = 0
         logger.debug("step %d: mask update, drop fraction %.4f, churn %.4f of active weights",
                     t, fraction, self.last_update["churn"])
+
+    def _off_quota(self, name: str, mask: Tensor, quota: int) -> Tensor:
+        """How many of this rank's groups of ``name`` do not hold ``quota`` active (an int64 on the
+        mask's device); 0 for a whole-layer group (its count is checked over all ranks instead)."""
+        g = self.group[name]
+        if g == self._numel[name]:
+            return torch.zeros((), dtype=torch.int64, device=mask.device)
+        return torch.count_nonzero(mask.reshape(-1, g).sum(1) != quota)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -451,13 +503,21 @@ class Sparsifier:
                 raise ValueError(
                     f"mask {layer.name!r}: expected bool {here}, got {m.dtype} {tuple(m.shape)}")
         step = int(state["step"])
-        want = type(self).counts_at(self.schedule, self.final_nnz, self._numel, step)
-        active = self.engine.total(torch.stack([torch.count_nonzero(masks[l.name]).cpu() for l in self.layers]))
-        for layer, n in zip(self.layers, active.tolist()):
+        want = type(self).counts_at(self.schedule, self.final_nnz, self._numel, step, self._groups)
+        active = self.engine.total(torch.stack([
+            torch.stack([torch.count_nonzero(masks[l.name]),
+                         self._off_quota(l.name, masks[l.name], want[l.name] // self._groups[l.name])]).cpu()
+            for l in self.layers]))
+        for layer, (n, off) in zip(self.layers, active.tolist()):
             if n != want[layer.name]:
                 raise ValueError(
                     f"mask {layer.name!r} has {n} active weights, this sparsifier expects "
                     f"{want[layer.name]} at step {step} (another sparsity, distribution or schedule?)")
+            if off:
+                raise ValueError(
+                    f"mask {layer.name!r}: {off} groups of {self.group[layer.name]} do not hold "
+                    f"{want[layer.name] // self._groups[layer.name]} active weights as structure "
+                    f"{self.structure.describe()!r} needs (saved with another structure?)")
         self.nnz = want
         for layer in self.layers:
             self.masks[layer.name].copy_(masks[layer.name])

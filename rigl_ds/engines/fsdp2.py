@@ -14,7 +14,9 @@ bool tensor of the local shard's shape, and:
   candidates, an all-gather of k*world (value, global index) pairs decides the exact global k
   (:mod:`rigl_ds.engines.dist_select`), and each rank applies the winners in its slice.
   ``selection="gather"`` is the simple reference: ``full_tensor()`` of weight, score and mask per
-  layer, the single-process selection, then this rank's slice.
+  layer, the single-process selection, then this rank's slice;
+* a structure's groups (fan_in rows, N:M blocks) lie within rows, so each rank selects inside its own
+  groups; only an update that grows also drops over the whole layer first, by the same exact top-k.
 """
 from __future__ import annotations
 
@@ -33,9 +35,9 @@ from torch.distributed.tensor import DTensor, Shard
 from rigl_ds import checkpoint as ckpt
 from rigl_ds import faults
 from rigl_ds.core.layers import MaskedLayer
-from rigl_ds.core.selection import select_changes
+from rigl_ds.core.selection import Change, select_grouped, select_layer
 
-from .dist_select import select_sharded_many
+from .dist_select import Query, select_global_many, select_sharded_many
 from .dist_utils import DistributedRuntime
 from .local import LocalEngine, zero_at
 
@@ -132,22 +134,37 @@ class FSDP2Engine(LocalEngine):
         return t
 
     # ---------------------------------------------------------------- the update
-    def select(self, masks: Mapping[str, Tensor], counts: Mapping[str, tuple[int, int]],
+    def select(self, masks: Mapping[str, Tensor], changes: Mapping[str, Change],
                drop_score: Callable[[str], Tensor], grow_score: Callable[[str], Tensor]
                ) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
         out: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
         if self.selection == "gather":          # the reference: whole layers, one at a time
-            for name, (kd, kg) in counts.items():
+            for name, c in changes.items():
                 offset, n, shape, _ = self._layout(name)
                 full_mask, full_drop = self._gather(masks[name], name), self._gather(drop_score(name), name)
-                full_grow = self._gather(grow_score(name), name) if kg else None
-                new = select_changes(full_mask, full_drop, full_grow, kd, kg)[0]
+                full_grow = self._gather(grow_score(name), name) if c.k_grow else None
+                new = select_layer(full_mask, full_drop, full_grow, c)[0]
                 out[name] = self._changes(masks[name], new.reshape(-1)[offset:offset + n].reshape(shape).clone())
             return out
-        # every layer in the same 4 collectives; the score shards of all layers are alive together
-        layers = [(masks[name], drop_score(name), grow_score(name) if kg else None, self._layout(name)[0], kd, kg,
-                   self._layout(name)[3]) for name, (kd, kg) in counts.items()]
-        for name, (new, _, _) in zip(counts, select_sharded_many(layers, group=self._group)):
+        whole = {n: c for n, c in changes.items() if c.group == self._layout(n)[3]}
+        grouped = {n: c for n, c in changes.items() if n not in whole}
+        if whole:       # every whole-layer group in the same 4 collectives; their score shards alive together
+            layers = [(masks[n], drop_score(n), grow_score(n) if c.k_grow else None, self._layout(n)[0], c.k_drop,
+                       c.k_grow, self._layout(n)[3]) for n, c in whole.items()]
+            for name, (new, _, _) in zip(whole, select_sharded_many(layers, group=self._group)):
+                out[name] = self._changes(masks[name], new)
+        # groups lie within rows, and every rank holds whole rows: only a growing update's layer-wide
+        # drop spans ranks (one exact top-k for all layers: 2 collectives); the rest is local
+        growing = [n for n, c in grouped.items() if c.k_grow]
+        drops = {n: drop_score(n) for n in growing}
+        picked = select_global_many([Query(drops[n], masks[n], self._layout(n)[0], grouped[n].k_drop, False,
+                                           self._layout(n)[3]) for n in growing], group=self._group) \
+            if growing else []
+        layer_drop = dict(zip(growing, picked))
+        for name, c in grouped.items():
+            drop = drops.pop(name) if name in drops else drop_score(name)
+            new = select_grouped(masks[name], drop, grow_score(name) if c.k_grow else None, c.group,
+                                 c.quota, c.k_drop, dropped=layer_drop.get(name))[0]
             out[name] = self._changes(masks[name], new)
         return out
 

@@ -26,12 +26,26 @@ def check_invariants(model, opt, sp):
                 assert torch.count_nonzero(st[~mask]) == 0, (name, key)
 
 
+def sparsifier(method, model, opt, engine=None):
+    """The sparsifier of these runs; ``method`` is a method name, or ``name+structure``: fan_in at the
+    same ERK 80%, N:M at sparsity 1 - N/M, uniform (the first conv, rows of 9, stays dense)."""
+    name, _, structure = method.partition("+")
+    kw = {}
+    if structure:
+        kw["structure"] = structure
+        if ":" in structure:
+            n, m = map(int, structure.split(":"))
+            kw.update(sparsity=1 - n / m, distribution="uniform")
+    kw.setdefault("sparsity", 0.8)
+    return get_method(name)(model, opt, total_steps=STEPS, delta=DELTA, grad_accumulation_n=2, engine=engine, **kw)
+
+
 def single_process(dtype=torch.float64, model=None, data=None, method="rigl"):
     """The reference run in one process: masks at each update, final weights, the last update's record."""
     model = make_nobn(dtype=dtype) if model is None else model
     data = (lambda t: batch(t, dtype=dtype)) if data is None else data
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
-    sp = get_method(method)(model, opt, total_steps=STEPS, sparsity=0.8, delta=DELTA, grad_accumulation_n=2)
+    sp = sparsifier(method, model, opt)
     masks = []
     for t in range(STEPS):
         x, y = data(t)
@@ -72,8 +86,7 @@ def ddp_worker(rank, world, packed, channels_last=False, method="rigl"):
     ddp = DDP(model)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
     engine = DDPEngine(ddp, opt, packed_allreduce=packed)
-    sp = get_method(method)(model, opt, total_steps=STEPS, sparsity=0.8, delta=DELTA, grad_accumulation_n=2,
-                            engine=engine)
+    sp = sparsifier(method, model, opt, engine)
     masks, traffic, grown = [], [], 0
     for t in range(STEPS):
         x, y = batch(t, dtype=torch.float64)
@@ -111,19 +124,20 @@ def ddp_worker(rank, world, packed, channels_last=False, method="rigl"):
             traffic.append((t, dense_wanted, engine.comm.bytes_this_step, engine.comm.dense_bytes_this_step, active))
         if sp.last_update and sp.last_update["step"] == t:
             masks.append({n: m.clone() for n, m in sp.masks.items()})
-    assert (grown > 0) == (method != "gmp")       # gmp only prunes
+    assert (grown > 0) == (not method.startswith("gmp"))       # gmp only prunes
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     return masks, weights, traffic, sp.measure().mask_density
 
 
 @pytest.mark.parametrize("packed,channels_last,method", [(False, False, "rigl"), (True, False, "rigl"),
-                                                         (True, True, "rigl"), (True, False, "gmp")],
+                                                         (True, True, "rigl"), (True, False, "gmp"),
+                                                         (True, False, "rigl+fan_in")],
                          ids=["dense-allreduce", "packed-allreduce", "packed-allreduce-channels-last",
-                              "packed-allreduce-gmp"])
+                              "packed-allreduce-gmp", "packed-allreduce-fan-in"])
 def test_ddp_two_ranks_equal_single_process(packed, channels_last, method):
     ref_masks, ref_w, _ = single_process(method=method)
     results = run_ranks(ddp_worker, packed, channels_last, method)
-    if method == "gmp":               # dense start, prunes at 5, 10, ..., 25 (t_end 22): counts only fall
+    if method.startswith("gmp"):      # dense start, prunes at 5, 10, ..., 25 (t_end 22): counts only fall
         counts = [sum(int(m.sum()) for m in ms.values()) for ms in ref_masks]
         assert len(counts) == 5 and counts == sorted(counts, reverse=True) and len(set(counts)) == 5
     else:
@@ -138,13 +152,13 @@ def test_ddp_two_ranks_equal_single_process(packed, channels_last, method):
         ordinary = [(b, d, a) for _, wanted, b, d, a in traffic if not wanted]
         dense = [(b, d) for _, wanted, b, d, _ in traffic if wanted]
         # steps feeding the 4 updates: dense (gmp reads no gradient)
-        assert len(dense) == (8 if method == "rigl" else 0) and all(b == d for b, d in dense)
+        assert len(dense) == (8 if method.startswith("rigl") else 0) and all(b == d for b, d in dense)
         masked_numel = sum(m.numel() for m in ref_masks[0].values())
         total_numel = sum(w.numel() for w in ref_w.values())
         for b, d, a in ordinary:
             assert d == total_numel * 8
             assert b == (a + total_numel - masked_numel) * 8          # exactly the active entries
-        if method == "gmp":
+        if method.startswith("gmp"):
             assert ordinary[0][0] == ordinary[0][1] and ordinary[-1][0] < ordinary[-1][1] / 2
         print(f"\npacked all-reduce: {ordinary[-1][0]} of {ordinary[-1][1]} bytes per ordinary step "
               f"({ordinary[-1][0] / ordinary[-1][1]:.3f}; masked-layer density {results[0][3]:.3f})")

@@ -7,9 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rigl_ds.core import get_method
 from tests.distributed.harness import run_ranks
-from tests.distributed.test_ddp import DELTA, STEPS, single_process
+from tests.distributed.test_ddp import STEPS, single_process, sparsifier
 from tests.helpers import assert_grown_state_reset, batch, make_nobn, poison_inactive
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -96,8 +95,7 @@ def ds_worker(rank, world, stage, method="rigl"):
            "wall_clock_breakdown": False}
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
     adapter = DeepSpeedEngineAdapter(engine, opt)
-    sp = get_method(method)(engine.module, opt, total_steps=STEPS, sparsity=0.8, delta=DELTA, grad_accumulation_n=2,
-                            engine=adapter)
+    sp = sparsifier(method, engine.module, opt, adapter)
     masks, grown = [], 0
     for t in range(STEPS):
         x, y = batch(t, dtype=torch.float32)
@@ -118,7 +116,7 @@ def ds_worker(rank, world, stage, method="rigl"):
         check_ds_invariants(adapter, sp, stage)
         if sp.last_update and sp.last_update["step"] == t:
             masks.append({n: m.clone() for n, m in sp.masks.items()})
-    assert (grown > 0) == (method != "gmp")
+    assert (grown > 0) == (not method.startswith("gmp"))
     from deepspeed.utils import safe_get_full_fp32_param
 
     weights = {}
@@ -128,12 +126,13 @@ def ds_worker(rank, world, stage, method="rigl"):
     return masks, weights
 
 
-@pytest.mark.parametrize("stage,method", [(0, "rigl"), (1, "rigl"), (2, "rigl"), (3, "rigl"), (2, "gmp"), (3, "gmp")])
+@pytest.mark.parametrize("stage,method", [(0, "rigl"), (1, "rigl"), (2, "rigl"), (3, "rigl"), (2, "gmp"), (3, "gmp"),
+                                          (3, "rigl+2:4")])
 def test_deepspeed_two_ranks_equal_single_process(stage, method):
     ref_masks, ref_w, _ = single_process(torch.float32, method=method)
     results = run_ranks(ds_worker, stage, method)
     for masks, weights in results:
-        assert len(masks) == len(ref_masks) == (4 if method == "rigl" else 5)
+        assert len(masks) == len(ref_masks) == (4 if method.startswith("rigl") else 5)
         for got, want in zip(masks, ref_masks):
             for n in want:
                 assert torch.equal(got[n], want[n]), (stage, n)

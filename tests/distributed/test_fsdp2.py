@@ -7,9 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from rigl_ds import RigL
-from rigl_ds.core import get_method
 from tests.distributed.harness import run_ranks
-from tests.distributed.test_ddp import DELTA, STEPS, assert_equal_run, single_process
+from tests.distributed.test_ddp import STEPS, assert_equal_run, single_process, sparsifier
 from tests.helpers import NoBNCNN, assert_grown_state_reset, batch, poison_inactive
 
 pytestmark = pytest.mark.distributed
@@ -67,8 +66,7 @@ def fsdp_worker(rank, world, selection, method="rigl"):
     fully_shard(model, mesh=mesh)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
     engine = FSDP2Engine(model, opt, selection=selection)
-    sp = get_method(method)(model, opt, total_steps=STEPS, sparsity=0.8, delta=DELTA, grad_accumulation_n=2,
-                            engine=engine)
+    sp = sparsifier(method, model, opt, engine)
     check_local_invariants(model, opt, sp, engine)
     masks, grown = [], 0
     for t in range(STEPS):
@@ -88,19 +86,25 @@ def fsdp_worker(rank, world, selection, method="rigl"):
         check_local_invariants(model, opt, sp, engine)
         if sp.last_update and sp.last_update["step"] == t:
             masks.append({n: engine._gather(m, n) for n, m in sp.masks.items()})
-    assert (engine.total(torch.tensor([grown]))[0] > 0) == (method != "gmp")
+    assert (engine.total(torch.tensor([grown]))[0] > 0) == (not method.startswith("gmp"))
     weights = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
     return masks, weights, sp.last_update
 
 
 @pytest.mark.parametrize("world,selection,method", [(2, "sharded", "rigl"), (2, "gather", "rigl"), (3, "sharded", "rigl"),
-                                                    (3, "sharded", "gmp"), (2, "gather", "gmp")],
+                                                    (3, "sharded", "gmp"), (2, "gather", "gmp"),
+                                                    (3, "sharded", "rigl+fan_in"), (3, "sharded", "gmp+2:4"),
+                                                    (2, "gather", "set+2:4")],
                          ids=["2-ranks-sharded-topk", "2-ranks-gather-reference", "3-ranks-uneven-sharded-topk",
-                              "3-ranks-uneven-sharded-gmp", "2-ranks-gather-gmp"])
+                              "3-ranks-uneven-sharded-gmp", "2-ranks-gather-gmp", "3-ranks-uneven-sharded-fan-in",
+                              "3-ranks-uneven-sharded-gmp-2:4", "2-ranks-gather-set-2:4"])
 def test_fsdp2_equals_single_process(world, selection, method):
     ref_masks, ref_w, ref_last = single_process(model=make_model(), data=data, method=method)
-    assert len(ref_masks) == (4 if method == "rigl" else 5)
-    assert (ref_last["churn"] > 0) == (method == "rigl")
+    grows = not method.startswith("gmp")
+    assert len(ref_masks) == (4 if grows else 5)
+    if method == "gmp+2:4":                          # from dense: 4, 3, then 2 of every 4 (prunes between change nothing)
+        assert sorted({int(m["fc1.weight"].sum()) * 4 // m["fc1.weight"].numel() for m in ref_masks}) == [2, 3]
+    assert (ref_last["churn"] > 0) == grows
     for masks, weights, last in run_ranks(fsdp_worker, selection, method, world=world):
         assert_equal_run(masks, weights, ref_masks, ref_w)
         assert last == ref_last                    # churn counted over all shards

@@ -17,9 +17,11 @@ def test_plan_json_hand_counted(tmp_path, capsys):
     plan = json.loads(out)
     # ERK: conv raw 11/36 would exceed density 1 -> dense; fc gets the rest: 0.5*2560 - 0.5*36 = 1262
     assert plan["layers"] == [
-        {"name": "conv.weight", "shape": [4, 1, 3, 3], "numel": 36, "density": 1.0, "nnz": 36},
-        {"name": "fc.weight", "shape": [10, 256], "numel": 2560, "density": 1262 / 2560, "nnz": 1262},
+        {"name": "conv.weight", "shape": [4, 1, 3, 3], "numel": 36, "density": 1.0, "nnz": 36, "group": 36},
+        {"name": "fc.weight", "shape": [10, 256], "numel": 2560, "density": 1262 / 2560, "nnz": 1262,
+         "group": 2560},
     ]
+    assert plan["structure"] == "unstructured"
     assert plan["model"] == "tests.helpers:plan_net"
     assert plan["global_density"] == pytest.approx((36 + 1262) / 2596)
     conv, fc = 2 * 256 * 9, 2 * 2560            # 4x8x8 outputs x 9 MACs; 256x10 MACs
@@ -34,6 +36,31 @@ def test_plan_json_hand_counted(tmp_path, capsys):
                                 "world_size": 1, "grad_accumulation": 1}
     expected = ((3 * fs * 10 + 2 * fs + fd) / 11 * 66 + 3 * fs * 22) / (3 * fd * 88)
     assert f["train_ratio"] == pytest.approx(expected)
+
+
+def test_plan_of_structures_hand_counted(tmp_path, capsys):
+    """fan_in rounds each layer to a whole count per output row; 2:4 refuses a layer whose rows do not
+    split into 4s, naming it and the two ways out."""
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text("name: plan\nmodel: {name: 'tests.helpers:plan_net'}\ndata: {name: digits, batch_size: 32}\n"
+                   "sparsity: {sparsity: 0.5, distribution: uniform, structure: fan_in, delta: 10, \n"
+                   "overrides: {conv: 0.5}}\ntrain: {epochs: 2}\n")
+    assert main(["plan", str(cfg), "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["structure"] == "fan_in"
+    # (uniform keeps the first layer dense, the override does not) conv: 36 - floor(0.5 * 36) = 18 over 4 rows of 9 -> 4.5, half up: 5 per row; fc: 128 of 256 per row
+    assert [(r["nnz"], r["group"]) for r in plan["layers"]] == [(20, 9), (1280, 256)]
+    assert plan["global_density"] == pytest.approx((20 + 1280) / 2596)
+    assert main(["plan", str(cfg), "sparsity.structure=4:8"]) == 2
+    err = capsys.readouterr().err
+    assert "'conv.weight' (4, 1, 3, 3): its rows of 9 weights do not split into groups of M=8 (4:8)" in err
+    assert "sparsity.exclude: ['conv']" in err and "sparsity.overrides: {'conv': dense}" in err
+    assert main(["plan", str(cfg), "sparsity.structure=4:8", "sparsity.overrides={conv: dense}"]) == 0
+    out = capsys.readouterr().out
+    assert "structure 4:8" in out and "1280" in out and "4/8" in out and "whole layer" in out
+    assert main(["plan", str(cfg), "sparsity.structure=1:8", "sparsity.overrides={conv: dense}"]) == 2
+    assert "1:8 keeps density 0.125 in every masked layer, the sparsity settings give this layer 1280 of 2560" in \
+        capsys.readouterr().err
 
 
 def test_plan_table_and_static_dense(tmp_path, capsys):
