@@ -1,4 +1,4 @@
-"""The ``rigl-ds`` console entry point: train, plan, eval, validate."""
+"""The ``rigl-ds`` console entry point: train, plan, eval, validate, export."""
 from __future__ import annotations
 
 import argparse
@@ -21,6 +21,7 @@ EXAMPLES = """examples:
   rigl-ds plan configs/quickstart.yaml --json
   rigl-ds eval configs/quickstart.yaml --checkpoint runs/quickstart-*/checkpoints/step_00001320.pt
   rigl-ds validate configs/*.yaml
+  rigl-ds export runs/quickstart-* --format condensed --out quickstart_condensed.safetensors
 """
 
 
@@ -30,9 +31,10 @@ def _user_errors():
     from rigl_ds.data import DataError
     from rigl_ds.engines.dist_utils import MaskDivergenceError
     from rigl_ds.engines import EngineError
+    from rigl_ds.export import ExportError
     from rigl_ds.train import RunError
 
-    return (ConfigError, DataError, RunError, CheckpointError, EngineError, MaskDivergenceError)
+    return (ConfigError, DataError, RunError, CheckpointError, EngineError, MaskDivergenceError, ExportError)
 
 
 def _load(args):
@@ -134,6 +136,19 @@ def cmd_validate(args) -> int:
     return 1 if bad else 0
 
 
+def cmd_export(args) -> int:
+    from rigl_ds.export import export
+
+    summary = export(args.source, args.format, args.out)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"exported {summary['checkpoint']} (step {summary['step']}) as {summary['format']} to {summary['out']}; "
+              f"{len(summary['replaced'])} layers replaced"
+              + (": " + ", ".join(f"{k} -> {v}" for k, v in summary["replaced"].items()) if summary["replaced"] else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rigl-ds", description="RigL sparse training.", epilog=EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -164,6 +179,17 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("configs", nargs="+")
     v.add_argument("--set", dest="overrides", action="append", default=[], metavar="key=value")
     v.set_defaults(fn=cmd_validate)
+
+    from rigl_ds.export import FORMATS
+
+    x = sub.add_parser("export", help="write a trained sparse model for inference (one safetensors file)")
+    x.add_argument("source", help="a run folder (its newest checkpoint) or a checkpoint file in <run>/checkpoints")
+    x.add_argument("--format", required=True, choices=FORMATS,
+                   help="dense: the original state dict, masked weights 0; condensed: linear layers keep only "
+                        "their active weights per row; csr: sparse linear layers; semi_structured: 2:4 on CUDA")
+    x.add_argument("--out", required=True, help="the .safetensors file to write")
+    x.add_argument("--json", action="store_true")
+    x.set_defaults(fn=cmd_export)
     return p
 
 

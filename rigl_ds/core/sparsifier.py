@@ -302,9 +302,9 @@ class Sparsifier:
             self.engine.add_post_step_hook(self.engine.mask_weights)
         self.rezero_weights = rezero
         logger.info(
-            "%s: %d masked layers, target sparsity %.4f (%s), planned global density %.6f, "
+            "%s: %d masked layers, target sparsity %.4f (%s, %s), planned global density %.6f, "
             "%d mask updates (delta=%d, t_end=%d)", type(self).__name__, len(self.layers),
-            cfg.sparsity, cfg.distribution, self.planned_density, self.schedule.num_updates if self.updates else 0,
+            cfg.sparsity, cfg.distribution, self.structure.describe(), self.planned_density, self.schedule.num_updates if self.updates else 0,
             self.schedule.delta, self.schedule.t_end)
 
     # ------------------------------------------------------------------ queries

@@ -33,6 +33,25 @@ def launch(script: str, *args: str, env: dict | None = None, background: bool = 
     return p
 
 
+def export_dense(run: pathlib.Path, tmp_path: pathlib.Path, step: int) -> dict[str, torch.Tensor]:
+    """``rigl-ds export`` of the run's newest checkpoint as a dense state dict, read back; it loads
+    strictly into the model the run trained."""
+    from safetensors.torch import load_file
+
+    from rigl_ds.config import load_config
+    from rigl_ds.train import build_experiment
+
+    out = tmp_path / "exported.safetensors"
+    p = procs.run([sys.executable, "-m", "rigl_ds.cli", "export", str(run), "--format", "dense", "--out", str(out),
+                   "--json"], cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads(p.stdout)["step"] == step
+    state = load_file(str(out))
+    model = build_experiment(load_config(run / "config.yaml"), with_data=False, device=torch.device("cpu")).model
+    model.load_state_dict(state, strict=True)
+    return state
+
+
 def reported_density(out: str, run: pathlib.Path, step: int) -> tuple[float, float]:
     """The density a run printed and wrote to result.json, checked against a count of its checkpoint."""
     result = json.loads((run / "result.json").read_text())
@@ -132,6 +151,12 @@ def test_deepspeed_launcher_each_zero_stage(tmp_path, stage):
         masks = main["rigl_ds"]["sparsifier"]["masks"]
         active = sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
         assert result["global_density"] == active and f"achieved density: {active:.6f}" in out
+    # export consolidates the folder in one process: ZeRO 0 rank 0's module, ZeRO 1-3 the fp32 masters
+    exported = export_dense(run, tmp_path, 25)
+    for name, m in masks.items():
+        assert torch.count_nonzero(exported[name][~m]) == 0, name
+    if stage < 3:                   # fp32 training: the module weights are the masters
+        assert set(exported) == set(model) and all(torch.equal(exported[k], model[k]) for k in model)
     if stage == 1:      # a payload in an optimizer shard, manifest rewritten to match: refused before DeepSpeed loads it
         import shutil
 
@@ -184,6 +209,8 @@ def test_fsdp2_two_nodes_sharded_checkpoints_resume_at_another_world_size_and_ex
     for name, m in two["masks"].items():                           # whole masks assembled from 2 shards
         assert torch.count_nonzero(two["model"][name][~m]) == 0, name
         assert torch.count_nonzero(two["optimizer"]["state"][name]["momentum_buffer"][~m]) == 0, name
+    exported = export_dense(split, tmp_path, 60)                   # the 2 shards resharded in one process
+    assert set(exported) == set(two["model"]) and all(torch.equal(exported[k], v) for k, v in two["model"].items())
     # 2 -> 1: one process loads the 2-rank shards and (already at its last step) saves them again
     one_dir = tmp_path / "one"
     launch("fsdp2.sh", FSDP2_CFG, *args, f"logging.run_dir={one_dir}", "train.max_steps=60",
