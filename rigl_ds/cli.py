@@ -137,9 +137,12 @@ def cmd_validate(args) -> int:
 
 
 def cmd_export(args) -> int:
+    import contextlib
+
     from rigl_ds.export import export
 
-    summary = export(args.source, args.format, args.out)
+    with contextlib.redirect_stdout(sys.stderr):      # DeepSpeed's zero_to_fp32 prints: stdout is the summary's
+        summary = export(args.source, args.format, args.out)
     if args.json:
         print(json.dumps(summary))
     else:

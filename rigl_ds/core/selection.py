@@ -196,14 +196,25 @@ def update_mask(mask: Tensor, weight: Tensor, grow_score: Tensor, k: int) -> Ten
 def _pick_in_groups(scores: Tensor, eligible: Tensor, count: Tensor, *, largest: bool) -> Tensor:
     """Flat positions (ascending) of the ``count[g]`` eligible positions of largest (or smallest)
     score in each row ``g`` of the (groups, group) tensors ``scores``/``eligible``, ties to the lower
-    index. Sorts each group: stable by score, then stably eligible first."""
+    index. No sort: a per-row ``topk`` of the largest count finds each row's threshold value; every
+    eligible score beyond it is taken, and the positions at it fill the rest, lowest index first."""
     if bool((count > eligible.sum(1)).any()):
         raise ValueError("a group has fewer eligible positions than it must select")
-    order = torch.sort(scores, dim=1, descending=largest, stable=True).indices
-    order = order.gather(1, torch.sort((~eligible.gather(1, order)).to(torch.uint8), dim=1, stable=True).indices)
-    take = torch.arange(scores.shape[1], device=scores.device).unsqueeze(0) < count.unsqueeze(1)
-    base = torch.arange(scores.shape[0], device=scores.device).unsqueeze(1) * scores.shape[1]
-    return torch.sort((order + base)[take]).values
+    kmax = int(count.max()) if count.numel() else 0
+    if kmax == 0:
+        return torch.zeros(0, dtype=torch.long, device=scores.device)
+    s = (scores if largest else scores.neg()).masked_fill(~eligible, float("-inf"))
+    live = count > 0
+    thr = torch.topk(s, kmax, dim=1).values.gather(1, (count - 1).clamp(min=0).unsqueeze(1))
+    above = (s > thr).logical_and_(live.unsqueeze(1))      # eligible: thr is an eligible score where live
+    tie = (s == thr).logical_and_(eligible).logical_and_(live.unsqueeze(1))
+    need = count - above.sum(1)
+    crowded = tie.sum(1) > need                             # more positions at the threshold than places
+    if bool(crowded.any()):                                 # (rare with real-valued scores): lowest index first
+        rows = crowded.nonzero().view(-1)
+        t = tie[rows]
+        tie[rows] = t & (t.cumsum(1) <= need[rows].unsqueeze(1))
+    return above.logical_or_(tie).view(-1).nonzero().view(-1)
 
 
 def select_grouped(mask: Tensor, drop_score: Tensor, grow_score: Tensor | None, group: int, quota: int,

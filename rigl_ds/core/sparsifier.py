@@ -304,8 +304,8 @@ class Sparsifier:
         logger.info(
             "%s: %d masked layers, target sparsity %.4f (%s, %s), planned global density %.6f, "
             "%d mask updates (delta=%d, t_end=%d)", type(self).__name__, len(self.layers),
-            cfg.sparsity, cfg.distribution, self.structure.describe(), self.planned_density, self.schedule.num_updates if self.updates else 0,
-            self.schedule.delta, self.schedule.t_end)
+            cfg.sparsity, cfg.distribution, self.structure.describe(), self.planned_density,
+            self.schedule.num_updates if self.updates else 0, self.schedule.delta, self.schedule.t_end)
 
     # ------------------------------------------------------------------ queries
     @property
