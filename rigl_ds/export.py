@@ -11,11 +11,15 @@ Formats (``FORMATS``):
   On a CPU it runs torch's CSR kernel over the condensed arrays, so it is as fast as ``csr``.
 * ``csr``: every masked ``nn.Linear`` becomes a :class:`CSRLinear` (torch's CSR sparse matmul, CPU).
 * ``semi_structured``: every 2:4 ``nn.Linear`` uses torch's semi-structured sparse tensor
-  (cuSPARSELt / CUTLASS): CUDA only; on a machine without a GPU, a clear error.
+  (cuSPARSELt / CUTLASS), in fp16 on CUDA; on a machine without a GPU, a clear error. Not yet run
+  on a GPU.
 
 Every format is one safetensors file (no pickle: loading runs no code), with the format and the
 replaced layers in its metadata. :func:`load_exported` rebuilds the exported model from the
-original one. The tests check every format's outputs against the masked dense model (1e-5, fp32).
+original one. The tests check the outputs of dense, condensed and csr against the masked dense
+model (1e-5, fp32). Only plain ``nn.Linear`` modules are replaced (a subclass's owner may use its
+weight directly, as ``nn.MultiheadAttention`` does with ``out_proj``); the replacements still offer a
+dense ``.weight`` on demand for owners that inspect it (``nn.TransformerEncoderLayer``).
 """
 from __future__ import annotations
 
@@ -92,6 +96,13 @@ class CondensedLinear(nn.Module):
                                 (self.out_features, self.in_features))
         return self._weight
 
+    @property
+    def weight(self) -> Tensor:
+        """The dense (out, in) weight, made on demand for owners that read ``.weight`` (e.g.
+        ``nn.TransformerEncoderLayer``'s fast-path checks); the forward never uses it."""
+        w = torch.zeros(self.out_features, self.in_features, dtype=self.values.dtype, device=self.values.device)
+        return w.scatter_(1, self.indices.long(), self.values.detach())
+
     def forward(self, x: Tensor) -> Tensor:
         return _sparse_linear(x, self.weight_csr(), self.bias, self.in_features, self.out_features)
 
@@ -125,6 +136,11 @@ class CSRLinear(nn.Module):
         if self._weight is None or self._weight.device != self.values.device:
             self._weight = _csr(self.crow_indices, self.col_indices, self.values, (self.out_features, self.in_features))
         return self._weight
+
+    @property
+    def weight(self) -> Tensor:
+        """The dense (out, in) weight, made on demand for owners that read ``.weight``."""
+        return self.weight_csr().to_dense()
 
     def forward(self, x: Tensor) -> Tensor:
         return _sparse_linear(x, self.weight_csr(), self.bias, self.in_features, self.out_features)
@@ -182,8 +198,10 @@ def convert(model: nn.Module, masks: Mapping[str, Tensor], fmt: str) -> tuple[nn
                           "condensed or csr (or dense)")
     for name, mask in masks.items():
         module_name, module = _module_of(model, name)
-        if not isinstance(module, nn.Linear) or name != f"{module_name}.weight" or bool(mask.all()):
-            continue                            # convolutions (and other weights) and dense layers stay as they are
+        if type(module) is not nn.Linear or name != f"{module_name}.weight" or bool(mask.all()):
+            # convolutions, dense layers and Linear subclasses stay as they are: a subclass's owner may
+            # read its .weight directly (nn.MultiheadAttention's out_proj does)
+            continue
         mask = mask.to(module.weight.device)
         if fmt == "condensed":
             new: nn.Module = CondensedLinear.from_linear(module, mask)
@@ -195,7 +213,15 @@ def convert(model: nn.Module, masks: Mapping[str, Tensor], fmt: str) -> tuple[nn
             if not _is_two_four(mask):
                 logger.info("%s is not 2:4: kept dense", module_name)
                 continue
-            new = SemiStructuredLinear(module)
+            if module.weight.device.type != "cuda" or module.weight.dtype not in (torch.float16, torch.bfloat16):
+                raise ExportError(f"format 'semi_structured': layer {module_name!r} is {module.weight.dtype} on "
+                                  f"{module.weight.device}; torch's semi-structured kernels take fp16/bf16 on CUDA "
+                                  "(model.half().cuda() first)")
+            try:
+                new = SemiStructuredLinear(module)
+            except RuntimeError as e:
+                raise ExportError(f"format 'semi_structured': layer {module_name!r} {tuple(module.weight.shape)}: "
+                                  f"{str(e).splitlines()[0]}") from None
             kind = "semi_structured"
         _replace(model, module_name, new)
         replaced[module_name] = kind
@@ -253,16 +279,23 @@ def load_exported(model: nn.Module, path: str | pathlib.Path) -> nn.Module:
         if not torch.cuda.is_available():
             raise ExportError(f"{path}: format 'semi_structured' needs a CUDA GPU to load; this machine has none")
         model.load_state_dict(state, strict=True)
-        model.cuda()
+        model.half().cuda()
     for module_name, kind in meta["replaced"].items():
         old = model.get_submodule(module_name)
         if not isinstance(old, nn.Linear):
             raise ExportError(f"{path}: layer {module_name!r} is {type(old).__name__} in this model, the export "
                               "replaced an nn.Linear (another model?)")
         if kind.startswith("condensed:"):
-            new: nn.Module = CondensedLinear(old.in_features, old.out_features, int(kind.split(":")[1]),
-                                             old.bias is not None, old.weight.dtype)
+            fan_in = int(kind.split(":")[1])
+            if not 0 < fan_in <= old.in_features:
+                raise ExportError(f"{path}: layer {module_name!r}: fan-in {fan_in} outside [1, {old.in_features}]")
+            new: nn.Module = CondensedLinear(old.in_features, old.out_features, fan_in, old.bias is not None,
+                                             old.weight.dtype)
         elif kind == "csr":
+            missing = [k for k in ("crow_indices", "col_indices", "values") if f"{module_name}.{k}" not in state]
+            if missing or (old.bias is not None) != (f"{module_name}.bias" in state):
+                raise ExportError(f"{path}: layer {module_name!r}: the file lacks its {missing or ['bias']} "
+                                  "(another model, or a damaged file?)")
             new = CSRLinear(old.in_features, old.out_features, state[f"{module_name}.crow_indices"],
                             state[f"{module_name}.col_indices"], state[f"{module_name}.values"],
                             state.get(f"{module_name}.bias"))
@@ -285,7 +318,7 @@ def load_exported(model: nn.Module, path: str | pathlib.Path) -> nn.Module:
 
 
 def resolve_source(source: str | pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
-    """(checkpoint, the run's config.yaml) of ``source``: a run folder (its newest good checkpoint),
+    """(checkpoint, the run's config.yaml) of ``source``: a run folder (its newest checkpoint),
     or a checkpoint inside ``<run>/checkpoints``: a ``step_*.pt`` file (local, DDP) or a
     ``step_*`` folder (DeepSpeed, FSDP2)."""
     from rigl_ds import checkpoint as ckpt
@@ -361,7 +394,10 @@ def export(source: str | pathlib.Path, fmt: str, out: str | pathlib.Path) -> dic
         exp.model.load_state_dict(model_state)
     except RuntimeError as e:
         raise ExportError(f"checkpoint {path} does not fit the model of {config}: {str(e).splitlines()[0]}") from None
-    model, replaced = convert(exp.model.eval(), masks, fmt)
+    model = exp.model.eval()
+    if fmt == "semi_structured" and torch.cuda.is_available():
+        model = model.half().cuda()             # the semi-structured kernels take fp16 (the file holds fp16)
+    model, replaced = convert(model, masks, fmt)
     written = save_exported(model, replaced, fmt, out, extra={"checkpoint": str(path), "step": step})
     layers = {n: int(m.sum()) / m.numel() for n, m in masks.items()}
     logger.info("exported %s (step %s) as %s to %s: %d layers replaced", path, step, fmt, written, len(replaced))

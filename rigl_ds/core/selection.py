@@ -204,6 +204,8 @@ def _pick_in_groups(scores: Tensor, eligible: Tensor, count: Tensor, *, largest:
     if kmax == 0:
         return torch.zeros(0, dtype=torch.long, device=scores.device)
     s = (scores if largest else scores.neg()).masked_fill(~eligible, float("-inf"))
+    if bool(torch.isnan(s).any()):
+        raise ValueError("a selection score is NaN (a NaN weight or score): no order between positions")
     live = count > 0
     thr = torch.topk(s, kmax, dim=1).values.gather(1, (count - 1).clamp(min=0).unsqueeze(1))
     above = (s > thr).logical_and_(live.unsqueeze(1))      # eligible: thr is an eligible score where live

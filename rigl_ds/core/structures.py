@@ -9,8 +9,9 @@ never cross a row, and keeps the same number active in every group:
 * ``unstructured``: one group, the whole layer (the RigL paper);
 * ``fan_in``: one group per output row, so every output neuron keeps the same number of inputs
   (constant fan-in, SRigL: Lasby et al., ICLR 2024); a layer condenses to dense (values, indices);
-* ``"N:M"``: groups of M consecutive weights along a row, N active in each (2:4 is what
-  cuSPARSELt and ``torch.sparse.to_sparse_semi_structured`` accelerate).
+* ``"N:M"``: groups of M consecutive weights along a row, N active in each (2:4 along a linear
+  layer's rows is what cuSPARSELt and ``torch.sparse.to_sparse_semi_structured`` accelerate; a
+  conv's groups run along its flattened in_channels x kh x kw, which no exported format speeds up).
 
 Because groups never cross a row and FSDP2 shards by rows, a grouped selection is local to the rank
 that holds the rows; only the whole-layer group spans ranks. The selection rule itself is
@@ -134,13 +135,14 @@ class NM(Structure):
             return nnz
         self.group_size(layer, shape)
         groups = numel // self.m
-        if nnz != groups * self.n:
+        # the distribution's count may miss N/M by the rounding of a sparsity such as 0.666667 (2:3)
+        if abs(nnz / numel - self.n / self.m) > 1e-6:
             raise StructureError(
                 f"layer {layer!r} {tuple(shape)}: {self.describe()} keeps density {self.n / self.m:g} in every masked "
-                f"layer, the sparsity settings give this layer {nnz} of {numel} weights ({nnz / numel:.4g}); set sparsity: "
-                f"{1 - self.n / self.m:g} with distribution: uniform (ERK and other per-layer sparsities cannot be "
+                f"layer, the sparsity settings give this layer {nnz} of {numel} weights ({nnz / numel:.4g}); set "
+                f"sparsity: {1 - self.n / self.m:.6g} with distribution: uniform (ERK and other per-layer sparsities cannot be "
                 f"{self.describe()}), or {_fix(layer)}")
-        return nnz
+        return groups * self.n
 
 
 register_structure("unstructured", r"unstructured", lambda m: Structure())

@@ -146,25 +146,27 @@ class FSDP2Engine(LocalEngine):
                 new = select_layer(full_mask, full_drop, full_grow, c)[0]
                 out[name] = self._changes(masks[name], new.reshape(-1)[offset:offset + n].reshape(shape).clone())
             return out
-        whole = {n: c for n, c in changes.items() if c.group == self._layout(n)[3]}
-        grouped = {n: c for n, c in changes.items() if n not in whole}
-        if whole:       # every whole-layer group in the same 4 collectives; their score shards alive together
-            layers = [(masks[n], drop_score(n), grow_score(n) if c.k_grow else None, self._layout(n)[0], c.k_drop,
-                       c.k_grow, self._layout(n)[3]) for n, c in whole.items()]
+        # the scores in ``changes``' order (SET draws its random grow scores from one generator in that
+        # order, as one process does); every layer's score shards are alive together
+        scores = {n: (drop_score(n), grow_score(n) if c.k_grow else None) for n, c in changes.items()}
+        whole = [n for n, c in changes.items() if c.group == self._layout(n)[3]]
+        grouped = [n for n in changes if n not in whole]
+        if whole:       # every whole-layer group in the same 4 collectives
+            layers = [(masks[n], *scores[n], self._layout(n)[0], changes[n].k_drop, changes[n].k_grow,
+                       self._layout(n)[3]) for n in whole]
             for name, (new, _, _) in zip(whole, select_sharded_many(layers, group=self._group)):
                 out[name] = self._changes(masks[name], new)
         # groups lie within rows, and every rank holds whole rows: only a growing update's layer-wide
         # drop spans ranks (one exact top-k for all layers: 2 collectives); the rest is local
-        growing = [n for n, c in grouped.items() if c.k_grow]
-        drops = {n: drop_score(n) for n in growing}
-        picked = select_global_many([Query(drops[n], masks[n], self._layout(n)[0], grouped[n].k_drop, False,
+        growing = [n for n in grouped if changes[n].k_grow]
+        picked = select_global_many([Query(scores[n][0], masks[n], self._layout(n)[0], changes[n].k_drop, False,
                                            self._layout(n)[3]) for n in growing], group=self._group) \
             if growing else []
         layer_drop = dict(zip(growing, picked))
-        for name, c in grouped.items():
-            drop = drops.pop(name) if name in drops else drop_score(name)
-            new = select_grouped(masks[name], drop, grow_score(name) if c.k_grow else None, c.group,
-                                 c.quota, c.k_drop, dropped=layer_drop.get(name))[0]
+        for name in grouped:
+            c = changes[name]
+            new = select_grouped(masks[name], *scores[name], c.group, c.quota, c.k_drop,
+                                 dropped=layer_drop.get(name))[0]
             out[name] = self._changes(masks[name], new)
         return out
 

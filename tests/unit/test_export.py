@@ -69,6 +69,26 @@ def test_every_format_computes_the_masked_dense_model(structure, fmt, tmp_path):
         torch.testing.assert_close(loaded(x), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("fmt", ["condensed", "csr"])
+def test_a_transformer_layer_exports_and_attention_keeps_its_own_projection(fmt):
+    """nn.MultiheadAttention reads out_proj.weight itself: that Linear subclass stays; the FFN's
+    plain nn.Linear layers are replaced (the encoder layer inspects their .weight: offered dense, on
+    demand), and the layer computes what the masked one does, in training mode (no fast path) and
+    in inference mode."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True).eval()
+    sp = Static(layer, None, total_steps=10, sparsity=0.75, distribution="uniform", structure="fan_in")
+    ref = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True).eval()
+    ref.load_state_dict(layer.state_dict())
+    out, replaced = convert(layer, sp.masks, fmt)
+    assert sorted(replaced) == ["linear1", "linear2"] and "self_attn.out_proj.weight" in sp.masks
+    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(out.train()(x), ref.train()(x), rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():
+        torch.testing.assert_close(out.eval()(x), ref.eval()(x), rtol=1e-5, atol=1e-5)
+    assert torch.equal(out.linear1.weight, ref.linear1.weight * sp.masks["linear1.weight"])
+
+
 def test_dense_export_loads_into_torchvision_resnet50_strictly(tmp_path):
     torch.manual_seed(0)
     model = torchvision.models.resnet50()

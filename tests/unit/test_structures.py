@@ -88,6 +88,19 @@ def test_structure_spellings_and_refusals():
         RigL(make(), None, total_steps=10, sparsity=0.99, distribution="uniform", structure="fan_in")
 
 
+def test_n_m_takes_the_rounded_sparsity_it_suggests_and_refuses_nan_scores():
+    """2:3's sparsity 0.333333 (as the error message prints it) floors a large layer's count a few
+    weights off 1/3: N:M holds exactly N of every M anyway. A NaN score has no order: refused."""
+    model = torch.nn.Sequential(torch.nn.Linear(3000, 1200), torch.nn.Linear(1200, 10, bias=False))
+    sp = RigL(model, None, total_steps=10, sparsity=0.333333, distribution="uniform", structure="2:3",
+              overrides={"1": "dense"})
+    m = sp.masks["0.weight"]
+    assert sp.nnz["0.weight"] == 1200 * 1000 * 2 and bool((m.view(-1, 3).sum(1) == 2).all())
+    mask = torch.tensor([0, 1, 1], dtype=torch.bool)
+    with pytest.raises(ValueError, match="a selection score is NaN"):
+        select_grouped(mask, torch.tensor([1.0, float("nan"), 0.0]), None, 3, 1, 0)
+
+
 def check_groups(sp):
     for n, m in sp.masks.items():
         g = sp.group[n]
