@@ -136,6 +136,9 @@ class _SparsityRules(_Strict):
             raise ValueError(f"grad_accumulation_n={self.grad_accumulation_n} must be <= delta={self.delta}")
         if self.initial_sparsity > self.sparsity:
             raise ValueError(f"initial_sparsity={self.initial_sparsity} must be <= sparsity={self.sparsity}")
+        if self.gamma_sal is not None and (self.method != "rigl" or get_structure(self.structure).name != "fan_in"):
+            raise ValueError(f"gamma_sal={self.gamma_sal} (neuron ablation) needs method: rigl and structure: fan_in, "
+                             f"got method: {self.method}, structure: {self.structure} (set gamma_sal: null)")
         return self
 
     def to_core(self, default_seed: int, method: Optional[str] = None) -> CoreSparsityConfig:

@@ -8,7 +8,8 @@ Formats (``FORMATS``):
   output row, only its active weights and their input indices (constant fan-in, SRigL), and
   computes only those: a fan_in-trained layer condenses exactly; any other mask is padded to its
   largest row count (padding entries hold weight 0). Convolutions stay dense (masked): no speed-up.
-  On a CPU it runs torch's CSR kernel over the condensed arrays, so it is as fast as ``csr``.
+  On a CPU, at small batches, it runs rigl_ds's gather kernel (int16 indices, built on first
+  use; :mod:`rigl_ds.kernels`), else torch's CSR kernel over the same arrays.
 * ``csr``: every masked ``nn.Linear`` becomes a :class:`CSRLinear` (torch's CSR sparse matmul, CPU).
 * ``semi_structured``: every 2:4 ``nn.Linear`` uses torch's semi-structured sparse tensor
   (cuSPARSELt / CUTLASS), in fp16 on CUDA; on a machine without a GPU, a clear error. Not yet run
@@ -59,18 +60,27 @@ def _sparse_linear(x: Tensor, weight: Tensor, bias: Tensor | None, in_features: 
 
 class CondensedLinear(nn.Module):
     """A linear layer that keeps ``fan_in`` weights per output row: ``y[o] = b[o] + sum_j values[o, j]
-    * x[indices[o, j]]`` (constant fan-in, SRigL). Only the active weights and their int32 input
-    indices are stored and read (at 90% sparsity 0.2 of a dense layer's bytes); computed by the CSR
-    kernel over them (the row pointers are implicit: every row holds ``fan_in``)."""
+    * x[indices[o, j]]`` (constant fan-in, SRigL). Only the active weights and their input indices
+    are stored and read: int16 indices when the layer has at most 32768 inputs, else int32 (at 90%
+    sparsity 0.15 of a dense layer's bytes).
+
+    On a CPU, fp32, a single input row (``KERNEL_MAX_ROWS``) runs rigl_ds's gather kernel
+    (:mod:`rigl_ds.kernels`, built on first use); larger batches, other devices and dtypes, or a
+    machine where the kernel cannot be built run torch's CSR ``addmm`` over the same arrays. The
+    output carries no gradient to ``values`` (an inference layer)."""
+
+    KERNEL_MAX_ROWS = 1     # measured (benchmarks/README.md): at 2 rows and more, MKL's CSR kernel wins
 
     def __init__(self, in_features: int, out_features: int, fan_in: int, bias: bool = True,
                  dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.in_features, self.out_features, self.fan_in = in_features, out_features, fan_in
         self.values = nn.Parameter(torch.zeros(out_features, fan_in, dtype=dtype))
-        self.register_buffer("indices", torch.arange(fan_in, dtype=torch.int32).repeat(out_features, 1))
+        index_dtype = torch.int16 if in_features <= 2 ** 15 else torch.int32
+        self.register_buffer("indices", torch.arange(fan_in, dtype=index_dtype).repeat(out_features, 1))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
         self._weight: Tensor | None = None
+        self.register_load_state_dict_post_hook(lambda module, _keys: setattr(module, "_weight", None))
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, mask: Tensor) -> "CondensedLinear":
@@ -82,19 +92,28 @@ class CondensedLinear(nn.Module):
         order = order.sort(dim=1).values
         out = cls(linear.in_features, linear.out_features, k, linear.bias is not None, w.dtype)
         out.values.data.copy_(w.gather(1, order) * mask.gather(1, order).to(w.dtype))
-        out.indices.copy_(order.to(torch.int32))
+        out.indices.copy_(order.to(out.indices.dtype))
         if linear.bias is not None:
             out.bias.data.copy_(linear.bias.detach())
         return out
 
+    def _make_csr(self) -> Tensor:
+        crow = torch.arange(0, self.out_features * self.fan_in + 1, self.fan_in, dtype=torch.int32,
+                            device=self.values.device)
+        return _csr(crow, self.indices.reshape(-1).to(torch.int32), self.values.detach().reshape(-1),
+                    (self.out_features, self.in_features))
+
     def weight_csr(self) -> Tensor:
-        """The CSR view of (values, indices), made once (it shares their memory)."""
+        """The CSR view of (values, indices), made once (values shared; int32 indices, a copy when
+        stored as int16); remade after ``load_state_dict``."""
         if self._weight is None or self._weight.device != self.values.device:
-            crow = torch.arange(0, self.out_features * self.fan_in + 1, self.fan_in, dtype=torch.int32,
-                                device=self.values.device)
-            self._weight = _csr(crow, self.indices.view(-1), self.values.detach().view(-1),
-                                (self.out_features, self.in_features))
+            self._weight = self._make_csr()
         return self._weight
+
+    def check_indices(self) -> None:
+        """Raise ``RuntimeError`` unless every row's indices are in range, sorted and unique (torch's
+        CSR invariants; the gather kernel reads ``x[indices]`` unchecked)."""
+        self._make_csr()
 
     @property
     def weight(self) -> Tensor:
@@ -104,6 +123,16 @@ class CondensedLinear(nn.Module):
         return w.scatter_(1, self.indices.long(), self.values.detach())
 
     def forward(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        rows = x.reshape(-1, self.in_features)
+        if (rows.shape[0] <= self.KERNEL_MAX_ROWS and rows.device.type == "cpu" and rows.dtype == torch.float32
+                and self.values.dtype == torch.float32):
+            from rigl_ds.kernels import condensed_kernel
+
+            kernel = condensed_kernel()
+            if kernel is not None:
+                bias = None if self.bias is None else self.bias.detach()
+                return kernel(rows, self.values.detach(), self.indices, bias).reshape(*lead, self.out_features)
         return _sparse_linear(x, self.weight_csr(), self.bias, self.in_features, self.out_features)
 
     def extra_repr(self) -> str:
@@ -291,6 +320,11 @@ def load_exported(model: nn.Module, path: str | pathlib.Path) -> nn.Module:
                 raise ExportError(f"{path}: layer {module_name!r}: fan-in {fan_in} outside [1, {old.in_features}]")
             new: nn.Module = CondensedLinear(old.in_features, old.out_features, fan_in, old.bias is not None,
                                              old.weight.dtype)
+            stored = state.get(f"{module_name}.indices")
+            if stored is not None and stored.dtype != new.indices.dtype:
+                raise ExportError(f"{path}: layer {module_name!r}: its indices are "
+                                  f"{str(stored.dtype).removeprefix('torch.')} in the file, this layer keeps "
+                                  f"{str(new.indices.dtype).removeprefix('torch.')} (another model, or a damaged file?)")
         elif kind == "csr":
             missing = [k for k in ("crow_indices", "col_indices", "values") if f"{module_name}.{k}" not in state]
             if missing or (old.bias is not None) != (f"{module_name}.bias" in state):
@@ -309,8 +343,8 @@ def load_exported(model: nn.Module, path: str | pathlib.Path) -> nn.Module:
     for module_name in meta["replaced"]:
         m = model.get_submodule(module_name)
         if isinstance(m, (CSRLinear, CondensedLinear)):
-            try:
-                m.weight_csr()              # torch checks the indices (in range, sorted, unique) here
+            try:                            # torch checks the indices (in range, sorted, unique) here
+                m.check_indices() if isinstance(m, CondensedLinear) else m.weight_csr()
             except RuntimeError as e:
                 raise ExportError(f"{path}: layer {module_name!r}: not a valid sparse matrix ("
                                   f"{str(e).splitlines()[0]})") from None

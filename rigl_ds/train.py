@@ -594,9 +594,13 @@ class Trainer:
         writer.add_scalar("rigl/drop_fraction", upd["drop_fraction"], step)
         writer.add_scalar("rigl/churn", upd["churn"], step)
         writer.add_scalar("sparsity/target_density", self.sparsifier.target_density, step)
+        if "ablated_rows" in upd:                # neuron ablation (gamma_sal): output rows removed so far
+            writer.add_scalar("rigl/ablated_rows", sum(upd["ablated_rows"].values()), step)
         if self.cfg.logging.per_layer:
             for name, c in upd["churn_per_layer"].items():
                 writer.add_scalar(f"churn/{name}", c, step)
+            for name, r in upd.get("ablated_rows", {}).items():
+                writer.add_scalar(f"ablated_rows/{name}", r, step)
         self._log_density(writer, step, dens)
 
     def _log_window(self, writer, bar, window, t0):

@@ -11,7 +11,7 @@ from typing import Callable, Mapping, Protocol, Sequence, runtime_checkable
 from torch import Tensor
 
 from .layers import MaskedLayer
-from .selection import Change, select_layer
+from .selection import Change, k_extreme_positions, select_layer
 
 
 @runtime_checkable
@@ -54,6 +54,11 @@ class Engine(Protocol):
         Returns per layer (new mask, dropped, grown): this rank's flat positions that changed (a
         position dropped and regrown is in neither). The scores are asked for in ``changes``'
         order, ``grow_score`` only where ``k_grow > 0``."""
+
+    def top_positions(self, queries: Sequence[tuple[str, Tensor, int]]) -> list[Tensor]:
+        """For each (layer, scores of this rank's part, k): this rank's flat positions among the ``k``
+        largest scores of the whole layer, ties to the lower global index (exact over the shards
+        of a sharded layer; one collective round for all queries)."""
 
     def total(self, t: Tensor) -> Tensor:
         """The sum of ``t`` over the ranks that hold different parts of the masks (in place);
@@ -104,6 +109,9 @@ class WholeMasks:
         # one layer at a time: a single layer's scores are alive at once
         return {n: select_layer(masks[n], drop_score(n), grow_score(n) if c.k_grow else None, c)
                 for n, c in changes.items()}
+
+    def top_positions(self, queries: Sequence[tuple[str, Tensor, int]]) -> list[Tensor]:
+        return [k_extreme_positions(scores.reshape(-1), k, largest=True) for _, scores, k in queries]
 
     def total(self, t: Tensor) -> Tensor:
         return t

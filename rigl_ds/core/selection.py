@@ -219,11 +219,12 @@ def _pick_in_groups(scores: Tensor, eligible: Tensor, count: Tensor, *, largest:
     return above.logical_or_(tie).view(-1).nonzero().view(-1)
 
 
-def select_grouped(mask: Tensor, drop_score: Tensor, grow_score: Tensor | None, group: int, quota: int,
+def select_grouped(mask: Tensor, drop_score: Tensor, grow_score: Tensor | None, group: int, quota: int | Tensor,
                    k_drop: int, *, dropped: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The structured update of one layer (or of a part of it made of whole groups): every group of
-    ``group`` consecutive flat positions ends with exactly ``quota`` active. Returns (new mask,
-    flat positions dropped for good, flat positions newly grown), as :func:`select_changes`.
+    ``group`` consecutive flat positions ends with exactly ``quota`` active (an int for every group,
+    or one per group: neuron ablation gives removed rows 0). Returns (new mask, flat positions
+    dropped for good, flat positions newly grown), as :func:`select_changes`.
 
     With a ``grow_score``: the ``k_drop`` active positions of smallest ``drop_score`` over the part
     are dropped (or ``dropped``, flat positions an engine chose exactly over a layer that spans ranks),
@@ -231,7 +232,12 @@ def select_grouped(mask: Tensor, drop_score: Tensor, grow_score: Tensor | None, 
     if mask.dtype != torch.bool:
         raise TypeError(f"mask must be torch.bool, got {mask.dtype}")
     flat = mask.reshape(-1)
-    if group < 1 or flat.numel() % group or not 0 <= quota <= group:
+    if isinstance(quota, Tensor):
+        fits = group >= 1 and flat.numel() % group == 0 and tuple(quota.shape) == (flat.numel() // group,) \
+            and bool(((quota >= 0) & (quota <= group)).all())
+    else:
+        fits = group >= 1 and flat.numel() % group == 0 and 0 <= quota <= group
+    if not fits:
         raise ValueError(f"groups of {group} with {quota} active do not fit {flat.numel()} positions")
     new = flat.clone()
     active = flat.view(-1, group).sum(1)
@@ -282,7 +288,7 @@ class Change(NamedTuple):
     k_drop: int
     k_grow: int
     group: int
-    quota: int
+    quota: int | Tensor
 
 
 def select_layer(mask: Tensor, drop_score: Tensor, grow_score: Tensor | None, change: Change

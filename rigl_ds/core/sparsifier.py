@@ -83,6 +83,10 @@ class SparsityConfig:
     structure: str = knob("unstructured", "how many stay active where: unstructured, fan_in (the same count in every "
                           "output row) or \"N:M\" (N of every M consecutive weights of a row); see "
                           "rigl_ds.core.structures")
+    gamma_sal: float | None = knob(None, "rigl with structure fan_in: SRigL's neuron ablation, off when null; an "
+                                   "output row with fewer than gamma_sal x its fan-in salient weights is removed "
+                                   "and its weights regrown in the other rows (see Sparsifier._ablate)", gt=0.0,
+                                   le=1.0)
     delta: int = knob(100, "steps between mask updates (ΔT)", ge=1)
     alpha: float = knob(0.3, "initial drop fraction", ge=0.0, le=1.0)
     t_end: float | int = knob(0.75, "updates stop here: a fraction of total steps (float) or a step (int)",
@@ -110,6 +114,13 @@ class SparsityConfig:
             raise ValueError(
                 f"distribution must be one of {', '.join(DISTRIBUTIONS)}, got {self.distribution!r}")
         get_structure(self.structure)            # ValueError naming the allowed spellings
+        g = self.gamma_sal
+        if g is not None:
+            if isinstance(g, bool) or not isinstance(g, (int, float)) or not 0.0 < g <= 1.0:
+                raise ValueError(f"gamma_sal must be null or a number in (0, 1], got {g!r}")
+            if self.method != "rigl" or get_structure(self.structure).name != "fan_in":
+                raise ValueError(f"gamma_sal (neuron ablation) needs method: rigl and structure: fan_in, got method: "
+                                 f"{self.method}, structure: {self.structure} (set gamma_sal: null)")
         if self.anneal not in ANNEALS:
             raise ValueError(f"anneal must be one of {', '.join(ANNEALS)}, got {self.anneal!r}")
         s = self.sparsity
@@ -256,6 +267,10 @@ class Sparsifier:
         self._numel = {l.name: l.numel for l in self.layers}
         self._groups = {n: self._numel[n] // g for n, g in self.group.items()}
         self.schedule = type(self).make_schedule(cfg, total_steps)
+        #: layers whose output rows SRigL's neuron ablation may remove (gamma_sal set): the fan_in-grouped
+        #: ones except the last masked layer (its rows are the model's outputs; SRigL's default)
+        self.ablatable: tuple[str, ...] = () if cfg.gamma_sal is None else tuple(
+            l.name for l in self.layers[:-1] if self.group[l.name] != l.numel)
         #: the counts in force now: every update checks the masks hold exactly these
         self.nnz: dict[str, int] = type(self).counts_at(self.schedule, self.final_nnz, self._numel, 0, self._groups)
         skip = cfg.skip_step_on_update
@@ -291,6 +306,9 @@ class Sparsifier:
             masks[layer.name] = self.engine.shard(layer.name, flat.view(layer.shape)).to(w.device)
         self.engine.sync_masks(masks)
         self.masks = masks
+        #: live output rows (all layer-wide) and rows removed by neuron ablation, of each ablatable layer
+        self.live_rows: dict[str, int] = {n: self._groups[n] for n in self.ablatable}
+        self.ablated_rows: dict[str, int] = {n: 0 for n in self.ablatable}
         self.engine.bind(self.layers, self.masks, self.wants_dense_grad)
         for name, mask in self.masks.items():
             self.engine.apply_mask(name, mask)
@@ -418,9 +436,14 @@ class Sparsifier:
         ks, fraction = self.counts(due_at)
         expected = {n: self.nnz[n] - kd + kg for n, (kd, kg) in ks.items()}
         plan = {n: Change(kd, kg, self.group[n], expected[n] // self._groups[n]) for n, (kd, kg) in ks.items()}
-        chosen = self.engine.select(self.masks, plan, self.drop_score, lambda name: self.grow_score(name, grads))
+        start, ablated = self.masks, {}
+        if self.ablatable:
+            start, plan, expected, ablated = self._ablate(plan, expected, due_at, grads)
+        chosen = self.engine.select(start, plan, self.drop_score, lambda name: self.grow_score(name, grads))
         new_masks = {n: c[0] for n, c in chosen.items()}
         changes = {n: (c[1], c[2]) for n, c in chosen.items()}
+        for n, gone in ablated.items():          # the weights of removed rows are dropped too
+            changes[n] = (torch.cat([gone, changes[n][0]]), changes[n][1])
         self.engine.sync_masks(new_masks)
         names = list(new_masks)
         # per layer (active, grown, groups off their quota) over all ranks: the exact active count and
@@ -435,9 +458,10 @@ class Sparsifier:
         for i, name in enumerate(names):
             active, grown = int(counts[i, 0]), int(counts[i, 1])
             if active != expected[name] or int(counts[i, 2]):
+                quota = plan[name].quota
                 raise RuntimeError(f"step {t}: layer {name!r} has {active} active weights after the mask update "
                                    f"({int(counts[i, 2])} groups of {self.group[name]} not holding "
-                                   f"{plan[name].quota}), expected {expected[name]}")
+                                   f"{quota if isinstance(quota, int) else 'theirs'}), expected {expected[name]}")
             old, new = self.masks[name], new_masks[name]
             dropped, grown_idx = changes[name]
             self.engine.apply_update(name, old, new, dropped, grown_idx)
@@ -450,14 +474,90 @@ class Sparsifier:
             "step": t, "due_step": due_at, "drop_fraction": fraction,
             "churn": grown_total / active_total, "churn_per_layer": per_layer,
         }
+        if self.ablatable:
+            self.last_update["ablated_rows"] = dict(self.ablated_rows)
         self._score = None
         self._score_count = 0
         logger.debug("step %d: mask update, drop fraction %.4f, churn %.4f of active weights",
                     t, fraction, self.last_update["churn"])
 
-    def _off_quota(self, name: str, mask: Tensor, quota: int) -> Tensor:
+    def _ablate(self, plan: dict[str, Change], expected: dict[str, int], due_at: int,
+                grads: Mapping[str, Tensor] | None
+                ) -> tuple[dict[str, Tensor], dict[str, Change], dict[str, int], dict[str, Tensor]]:
+        """SRigL's neuron ablation (Lasby et al., ICLR 2024), before the drop and grow of an update.
+
+        In each ablatable layer that updates, with ``K`` = its active count after the drop: the
+        salient weights are the ``K`` largest |weight| together with the ``K`` largest grow scores
+        (|dense gradient|), each an exact top-k over the whole layer, ties to the lower index. A live
+        output row with fewer than ``gamma_sal x`` its fan-in salient weights is removed: all its
+        weights drop and it never grows again (a removed row holds no weight, so it stays removed
+        across updates and checkpoints). The other ``L`` rows then hold ``min(row, planned // L)``
+        each: the fan-in rises, the layer's count may end below the planned one by less than ``L``.
+        The removed weights count towards the update's drop (k_drop shrinks by them, as in
+        sparsimony's SRigL). A layer keeps every row when removing them would leave too few rows
+        to hold its planned count (or none).
+
+        Returns (masks to select from, the plan, expected counts, per layer the flat positions of
+        this rank's removed weights)."""
+        names = [n for n in self.ablatable if n in plan]
+        if not names:
+            return self.masks, plan, expected, {}
+        gamma = float(self.config.gamma_sal)
+        k_after = {n: self.nnz[n] - plan[n].k_drop for n in names}
+        by_w = self.engine.top_positions([(n, self.drop_score(n), k_after[n]) for n in names])
+        by_g = self.engine.top_positions([(n, self.grow_score(n, grads), k_after[n]) for n in names])
+        planned = type(self).counts_at(self.schedule, self.final_nnz, self._numel, due_at, self._groups)
+        stats, candidates, live = [], {}, {}
+        for n, pw, pg in zip(names, by_w, by_g):
+            mask, row = self.masks[n], self.group[n]
+            rows = mask.reshape(-1, row)
+            salient = torch.zeros(mask.numel(), dtype=torch.bool, device=mask.device)
+            salient[pw] = True
+            salient[pg] = True
+            live[n] = rows.any(1)
+            fan_in = self.nnz[n] // self.live_rows[n]          # every live row holds it (checked each update)
+            candidates[n] = live[n] & (salient.view(-1, row).sum(1) < gamma * fan_in)
+            stats.append(torch.stack([candidates[n].sum(), live[n].sum()]))
+        totals = self.engine.total(torch.stack(stats).cpu()).tolist()      # (rows to remove, live rows) per layer
+        start, ablated = dict(self.masks), {}
+        plan, expected = dict(plan), dict(expected)
+        for n, (remove, alive) in zip(names, totals):
+            row, mask = self.group[n], self.masks[n]
+            left = alive - remove
+            if remove == 0 or left < 1 or left * row < planned[n]:
+                if alive < self._groups[n]:          # rows removed before: they stay empty
+                    plan[n] = plan[n]._replace(quota=torch.where(live[n], self.nnz[n] // alive, 0))
+                continue
+            fan_in = self.nnz[n] // alive
+            gone_rows = candidates[n]
+            keep = mask.reshape(-1, row) & ~gone_rows.unsqueeze(1)
+            ablated[n] = (mask.reshape(-1) & ~keep.reshape(-1)).nonzero().view(-1)
+            start[n] = keep.view(mask.shape)
+            new_fan_in = min(row, planned[n] // left)
+            quota = torch.where(live[n] & ~gone_rows, new_fan_in, 0)
+            k_drop = max(0, plan[n].k_drop - remove * fan_in)
+            expected[n] = new_fan_in * left
+            after_drop = self.nnz[n] - remove * fan_in - k_drop
+            plan[n] = Change(k_drop, expected[n] - after_drop, row, quota)
+            self.live_rows[n] = left
+            self.ablated_rows[n] = self._numel[n] // row - left
+            logger.info("step %d: %s: %d output rows removed (neuron ablation, gamma_sal=%g); %d live rows of "
+                        "fan-in %d", due_at, n, remove, gamma, left, new_fan_in)
+        return start, plan, expected, ablated
+
+    def _quotas(self, name: str, mask: Tensor, planned: int, live_total: int) -> tuple[int, Tensor | int]:
+        """(the count ``name`` holds, its groups' quota) with ``live_total`` live rows of a layer whose
+        removed rows (neuron ablation) hold nothing: ``min(row, planned // live)`` per live row."""
+        if live_total == self._groups[name]:
+            return planned, planned // self._groups[name]
+        row = self.group[name]
+        per_row = min(row, planned // live_total)
+        return per_row * live_total, torch.where(mask.reshape(-1, row).any(1), per_row, 0)
+
+    def _off_quota(self, name: str, mask: Tensor, quota: int | Tensor) -> Tensor:
         """How many of this rank's groups of ``name`` do not hold ``quota`` active (an int64 on the
-        mask's device); 0 for a whole-layer group (its count is checked over all ranks instead)."""
+        mask's device; per group where a tensor); 0 for a whole-layer group (its count is checked
+        over all ranks instead)."""
         g = self.group[name]
         if g == self._numel[name]:
             return torch.zeros((), dtype=torch.int64, device=mask.device)
@@ -504,9 +604,19 @@ class Sparsifier:
                     f"mask {layer.name!r}: expected bool {here}, got {m.dtype} {tuple(m.shape)}")
         step = int(state["step"])
         want = type(self).counts_at(self.schedule, self.final_nnz, self._numel, step, self._groups)
+        quotas: dict[str, int | Tensor] = {n: want[n] // self._groups[n] for n in want}
+        live_rows: dict[str, int] = {}
+        if self.ablatable:              # rows removed by neuron ablation hold nothing; the others share the count
+            live = self.engine.total(torch.stack([masks[n].reshape(-1, self.group[n]).any(1).sum()
+                                                  for n in self.ablatable]).cpu())
+            for n, alive in zip(self.ablatable, live.tolist()):
+                if alive == 0:
+                    raise ValueError(f"mask {n!r} has no active weight (every output row removed?)")
+                want[n], quotas[n] = self._quotas(n, masks[n], want[n], alive)
+                live_rows[n] = alive
         active = self.engine.total(torch.stack([
             torch.stack([torch.count_nonzero(masks[l.name]),
-                         self._off_quota(l.name, masks[l.name], want[l.name] // self._groups[l.name])]).cpu()
+                         self._off_quota(l.name, masks[l.name], quotas[l.name])]).cpu()
             for l in self.layers]))
         for layer, (n, off) in zip(self.layers, active.tolist()):
             if n != want[layer.name]:
@@ -514,11 +624,14 @@ class Sparsifier:
                     f"mask {layer.name!r} has {n} active weights, this sparsifier expects "
                     f"{want[layer.name]} at step {step} (another sparsity, distribution or schedule?)")
             if off:
+                q = quotas[layer.name]
                 raise ValueError(
                     f"mask {layer.name!r}: {off} groups of {self.group[layer.name]} do not hold "
-                    f"{want[layer.name] // self._groups[layer.name]} active weights as structure "
+                    f"{q if isinstance(q, int) else 'the same count'} active weights as structure "
                     f"{self.structure.describe()!r} needs (saved with another structure?)")
         self.nnz = want
+        self.live_rows.update(live_rows)
+        self.ablated_rows.update({n: self._groups[n] - alive for n, alive in live_rows.items()})
         for layer in self.layers:
             self.masks[layer.name].copy_(masks[layer.name])
             w = self.engine.weight(layer.name)

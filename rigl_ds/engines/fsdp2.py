@@ -133,6 +133,13 @@ class FSDP2Engine(LocalEngine):
             t.copy_(x)
         return t
 
+    def top_positions(self, queries: Sequence[tuple[str, Tensor, int]]) -> list[Tensor]:
+        if not queries:
+            return []
+        return select_global_many([Query(scores, torch.ones_like(scores, dtype=torch.bool), self._layout(name)[0], k,
+                                         True, self._layout(name)[3]) for name, scores, k in queries],
+                                  group=self._group)
+
     # ---------------------------------------------------------------- the update
     def select(self, masks: Mapping[str, Tensor], changes: Mapping[str, Change],
                drop_score: Callable[[str], Tensor], grow_score: Callable[[str], Tensor]

@@ -28,9 +28,11 @@ def check_invariants(model, opt, sp):
 
 def sparsifier(method, model, opt, engine=None):
     """The sparsifier of these runs; ``method`` is a method name, or ``name+structure``: fan_in at the
-    same ERK 80%, N:M at sparsity 1 - N/M, uniform (the first conv, rows of 9, stays dense)."""
+    same ERK 80%, N:M at sparsity 1 - N/M, uniform (the first conv, rows of 9, stays dense);
+    ``rigl+fan_in+ablation``: with SRigL's neuron ablation at gamma_sal 0.9 (rows are removed)."""
     name, _, structure = method.partition("+")
-    kw = {}
+    structure, _, extra = structure.partition("+")
+    kw = {"gamma_sal": 0.9} if extra == "ablation" else {}
     if structure:
         kw["structure"] = structure
         if ":" in structure:

@@ -94,12 +94,15 @@ def fsdp_worker(rank, world, selection, method="rigl"):
 @pytest.mark.parametrize("world,selection,method", [(2, "sharded", "rigl"), (2, "gather", "rigl"), (3, "sharded", "rigl"),
                                                     (3, "sharded", "gmp"), (2, "gather", "gmp"),
                                                     (3, "sharded", "rigl+fan_in"), (3, "sharded", "gmp+2:4"),
-                                                    (2, "gather", "set+2:4")],
+                                                    (2, "gather", "set+2:4"), (3, "sharded", "rigl+fan_in+ablation")],
                          ids=["2-ranks-sharded-topk", "2-ranks-gather-reference", "3-ranks-uneven-sharded-topk",
                               "3-ranks-uneven-sharded-gmp", "2-ranks-gather-gmp", "3-ranks-uneven-sharded-fan-in",
-                              "3-ranks-uneven-sharded-gmp-2:4", "2-ranks-gather-set-2:4"])
+                              "3-ranks-uneven-sharded-gmp-2:4", "2-ranks-gather-set-2:4",
+                              "3-ranks-uneven-sharded-neuron-ablation"])
 def test_fsdp2_equals_single_process(world, selection, method):
     ref_masks, ref_w, ref_last = single_process(model=make_model(), data=data, method=method)
+    if method.endswith("+ablation"):                 # rows were removed, so the sharded saliency top-k was used
+        assert sum(ref_last["ablated_rows"].values()) > 0, ref_last["ablated_rows"]
     grows = not method.startswith("gmp")
     assert len(ref_masks) == (4 if grows else 5)
     if method == "gmp+2:4":                          # from dense: 4, 3, then 2 of every 4 (prunes between change nothing)

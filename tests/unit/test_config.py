@@ -108,3 +108,18 @@ def test_an_error_inside_a_section_of_the_file_does_not_blame_an_unrelated_overr
         load_config(bad, ["sparsity.sparsity=0.8"])
     probs = e.value.problems
     assert len(probs) == 1 and probs[0].startswith(f"{bad}: sparsity"), probs
+
+
+def test_gamma_sal_needs_rigl_with_fan_in_and_names_where_it_came_from():
+    quick = ROOT / "configs" / "quickstart.yaml"
+    cfg = load_config(quick, ["sparsity.structure=fan_in", "sparsity.gamma_sal=0.3"])
+    assert cfg.sparsity.gamma_sal == 0.3 and cfg.sparsity.to_core(0).gamma_sal == 0.3
+    assert load_config(quick).sparsity.gamma_sal is None                 # off by default
+    with pytest.raises(ConfigError) as e:
+        load_config(quick, ["sparsity.gamma_sal=0.3"])
+    assert "sparsity" in e.value.problems[0] and "gamma_sal=0.3 (neuron ablation) needs method: rigl and structure: " \
+        "fan_in, got method: rigl, structure: unstructured" in e.value.problems[0], e.value.problems
+    with pytest.raises(ConfigError) as e:
+        load_config(quick, ["sparsity.structure=fan_in", "sparsity.gamma_sal=0"])
+    assert "command-line override 'sparsity.gamma_sal=0': sparsity.gamma_sal:" in e.value.problems[0] and \
+        "greater than 0" in e.value.problems[0], e.value.problems

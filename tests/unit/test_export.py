@@ -174,7 +174,13 @@ def test_bad_exports_are_refused_by_name(tmp_path, capsys):
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
     tensors = load_file(str(path))
-    tensors["2.indices"][0, 0] = 10**6
+    assert tensors["2.indices"].dtype == torch.int16          # 96 inputs: int16 indices
+    tensors["2.indices"][0, 0] = 30000
     save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
     with pytest.raises(ExportError, match=r"layer '2': not a valid sparse matrix \(`0 <= col_indices < ncols` "):
         load_exported(mlp(), tmp_path / "bad.safetensors")
+    # indices of another width would be converted (and could wrap) when loaded: refused by name
+    tensors["2.indices"] = tensors["2.indices"].to(torch.int64) + 2**16
+    save_file(tensors, str(tmp_path / "wide.safetensors"), metadata=meta)
+    with pytest.raises(ExportError, match=r"layer '2': its indices are int64 in the file, this layer keeps int16"):
+        load_exported(mlp(), tmp_path / "wide.safetensors")
