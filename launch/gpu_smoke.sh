@@ -5,7 +5,7 @@
 # (img/s of each in the same run, mask-update time), then `rigl-ds train` on an ImageNet YAML with
 # data.backend=dali-gpu.
 #   launch/gpu_smoke.sh [--steps 300] [--dtype bf16|fp16] [--batch 256]
-# Output: the printed summary, and runs/gpu_smoke/smoke.json. Needs `pip install -e .[dali]`.
+# Output: the printed summary, runs/gpu_smoke/smoke.json and runs/gpu_smoke/semi_structured.json. Needs `pip install -e .[dali]`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 work=${SMOKE_DIR:-$(mktemp -d)}
@@ -15,3 +15,5 @@ if [ ! -d "$work/imagenet/train" ]; then
 fi
 mkdir -p runs/gpu_smoke
 python benchmarks/gpu_smoke.py --folder "$work/imagenet" --run-dir "$work/run" --json runs/gpu_smoke/smoke.json "$@"
+# 2:4: semi-structured export vs dense (inference) and a RigL 2:4 training step vs dense (about a minute)
+python benchmarks/semi_structured.py --json runs/gpu_smoke/semi_structured.json
