@@ -20,7 +20,7 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, create_model,
                       field_validator, model_validator)
 
-from rigl_ds.core import DENSE, get_method, get_structure
+from rigl_ds.core import DENSE, Sparsifier, get_method, get_structure
 from rigl_ds.core.sparsifier import SparsityConfig as CoreSparsityConfig
 from rigl_ds.engines import engine_names
 
@@ -441,6 +441,13 @@ def schedule_problems(cfg: ExperimentConfig, total_steps: int) -> list[str]:
     t_end = sp.t_end if isinstance(sp.t_end, int) else int(round(sp.t_end * total_steps))
     if sp.method == "gmp":
         return _gmp_problems(cfg, total_steps, t_end)
+    method = get_method(sp.method)
+    if method.make_schedule.__func__ is not Sparsifier.make_schedule.__func__:   # its own schedule checks itself
+        try:
+            method.make_schedule(sp.to_core(cfg.train.seed), total_steps)
+        except ValueError as e:
+            return [f"{cfg.where('sparsity')}: sparsity.method={sp.method}: {e}"]
+        return []
     if isinstance(sp.t_end, int) and sp.t_end > total_steps:
         out.append(f"{cfg.where('sparsity.t_end')}: sparsity.t_end={sp.t_end}: after the end of training ({total_steps} steps); give a "
                    f"step <= {total_steps} or a fraction such as 0.75")

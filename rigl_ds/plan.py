@@ -38,11 +38,17 @@ def make_plan(cfg: ExperimentConfig, world: int = 1) -> dict[str, Any]:
     timeline = []                       # (step, global density, sparse forward FLOPs) where the counts change
     final = {r["name"]: r["nnz"] for r in rows}
     numel = {r["name"]: r["numel"] for r in rows}
+    phases = []
     if method is not None:
-        for step in [0] + [u + 1 for u in (sched.update_steps() if dynamic else [])]:
-            counts = method.counts_at(sched, final, numel, step, {r["name"]: r["numel"] // r["group"] for r in rows})
-            if not timeline or counts != timeline[-1][1]:
-                timeline.append((step, counts))
+        try:                            # a method's counts may refuse this model (gap: more partitions than layers)
+            for step in [0] + [u + 1 for u in (sched.update_steps() if dynamic else [])]:
+                counts = method.counts_at(sched, final, numel, step,
+                                          {r["name"]: r["numel"] // r["group"] for r in rows})
+                if not timeline or counts != timeline[-1][1]:
+                    timeline.append((step, counts))
+            phases = method.timeline(sched, numel) if hasattr(method, "timeline") else []
+        except ValueError as e:
+            raise ConfigError([f"{cfg.where('sparsity')}: sparsity: {e}"]) from None
     points = [(s, sum(c.values()) / total, f.at({n: c[n] / numel[n] for n in c})) for s, c in timeline]
     if method is None:
         train_ratio = 1.0
@@ -72,6 +78,8 @@ def make_plan(cfg: ExperimentConfig, world: int = 1) -> dict[str, Any]:
             "delta": sched.delta,
             "t_end": sched.t_end,
             "num_mask_updates": sched.num_updates if dynamic else 0,
+            # gap_cyclic: which partition of layers is dense from which step
+            "dense_phases": phases,
             # where the planned density changes (gmp): the first step at each density
             "density_timeline": [{"step": s, "global_density": d} for s, d, _ in points] if len(points) > 1 else [],
             "global_batch": cfg.data.batch_size * cfg.train.grad_accumulation * world,
@@ -107,6 +115,14 @@ def format_plan(plan: dict[str, Any]) -> str:
         shown = steps if len(steps) <= 8 else steps[:4] + steps[-4:]
         lines.append("density over time (from step: density): " + ", ".join(
             f"{p['step']}: {p['global_density']:.4f}" for p in shown) + (" ..." if len(steps) > 8 else ""))
+    for p in s["dense_phases"]:
+        if p["dense_partition"] is None:
+            lines.append(f"  from step {p['from_step']}: every layer at its target (fixed masks: fine-tuning)")
+        else:
+            names = p["layers"]
+            shown = ", ".join(names) if len(names) <= 4 else ", ".join(names[:2] + ["..."] + names[-2:])
+            lines.append(f"  from step {p['from_step']} (round {p['round']}): partition {p['dense_partition']} dense "
+                         f"({len(names)} layers: {shown})")
     if plan["data"]["note"]:
         lines.append(f"note: {plan['data']['note']}")
     return "\n".join(lines)

@@ -594,6 +594,8 @@ class Trainer:
         writer.add_scalar("rigl/drop_fraction", upd["drop_fraction"], step)
         writer.add_scalar("rigl/churn", upd["churn"], step)
         writer.add_scalar("sparsity/target_density", self.sparsifier.target_density, step)
+        if "dense_partition" in upd:             # gap_cyclic: the partition dense from here (-1: fine-tuning)
+            writer.add_scalar("gap/dense_partition", upd["dense_partition"], step)
         if "ablated_rows" in upd:                # neuron ablation (gamma_sal): output rows removed so far
             writer.add_scalar("rigl/ablated_rows", sum(upd["ablated_rows"].values()), step)
         if self.cfg.logging.per_layer:

@@ -93,6 +93,11 @@ class SparsityConfig:
                               yaml=float | int)
     t_start: float | int = knob(0, "gmp: pruning starts here (fraction or step, as t_end)", yaml=float | int)
     initial_sparsity: float = knob(0.0, "gmp: the sparsity at t_start (0: a dense start)", ge=0.0, lt=1.0)
+    gap_partitions: int = knob(4, "gap_cyclic: kappa, the partitions of consecutive layers (balanced by weights)",
+                               ge=1)
+    gap_phase: float | int = knob(0.1, "gap_cyclic: T, steps a partition stays dense: a fraction of total steps "
+                                  "(float) or a step count (int)", yaml=float | int, gt=0)
+    gap_rounds: int = knob(1, "gap_cyclic: rounds of kappa phases; then the masks stay fixed (fine-tuning)", ge=1)
     anneal: str = knob("cosine", "drop fraction over time: cosine or constant", yaml=_yaml_anneals)
     grad_accumulation_n: int = knob(1, "dense gradients of the last n steps up to an update are averaged", ge=1)
     erk_power_scale: float = knob(1.0, "ERK raw density raised to this power", ge=0.0)

@@ -86,7 +86,8 @@ def fsdp_worker(rank, world, selection, method="rigl"):
         check_local_invariants(model, opt, sp, engine)
         if sp.last_update and sp.last_update["step"] == t:
             masks.append({n: engine._gather(m, n) for n, m in sp.masks.items()})
-    assert (engine.total(torch.tensor([grown]))[0] > 0) == (not method.startswith("gmp"))
+    # grown positions are checked where the step is skipped (rigl, set); gmp grows nothing, gap_cyclic steps
+    assert (engine.total(torch.tensor([grown]))[0] > 0) == sp.skip_step_on_update
     weights = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
     return masks, weights, sp.last_update
 
@@ -94,11 +95,12 @@ def fsdp_worker(rank, world, selection, method="rigl"):
 @pytest.mark.parametrize("world,selection,method", [(2, "sharded", "rigl"), (2, "gather", "rigl"), (3, "sharded", "rigl"),
                                                     (3, "sharded", "gmp"), (2, "gather", "gmp"),
                                                     (3, "sharded", "rigl+fan_in"), (3, "sharded", "gmp+2:4"),
-                                                    (2, "gather", "set+2:4"), (3, "sharded", "rigl+fan_in+ablation")],
+                                                    (2, "gather", "set+2:4"), (3, "sharded", "rigl+fan_in+ablation"),
+                                                    (3, "sharded", "gap_cyclic")],
                          ids=["2-ranks-sharded-topk", "2-ranks-gather-reference", "3-ranks-uneven-sharded-topk",
                               "3-ranks-uneven-sharded-gmp", "2-ranks-gather-gmp", "3-ranks-uneven-sharded-fan-in",
                               "3-ranks-uneven-sharded-gmp-2:4", "2-ranks-gather-set-2:4",
-                              "3-ranks-uneven-sharded-neuron-ablation"])
+                              "3-ranks-uneven-sharded-neuron-ablation", "3-ranks-uneven-sharded-gap-cyclic"])
 def test_fsdp2_equals_single_process(world, selection, method):
     ref_masks, ref_w, ref_last = single_process(model=make_model(), data=data, method=method)
     if method.endswith("+ablation"):                 # rows were removed, so the sharded saliency top-k was used
@@ -107,7 +109,11 @@ def test_fsdp2_equals_single_process(world, selection, method):
     assert len(ref_masks) == (4 if grows else 5)
     if method == "gmp+2:4":                          # from dense: 4, 3, then 2 of every 4 (prunes between change nothing)
         assert sorted({int(m["fc1.weight"].sum()) * 4 // m["fc1.weight"].numel() for m in ref_masks}) == [2, 3]
-    assert (ref_last["churn"] > 0) == grows
+    if method == "gap_cyclic":                       # 4 partitions dense in turn, then a final prune (grows nothing)
+        assert [ref_last["dense_partition"], ref_last["churn"]] == [-1, 0.0]
+        assert len({sum(int(m.sum()) for m in ms.values()) for ms in ref_masks}) > 1
+    else:
+        assert (ref_last["churn"] > 0) == grows
     for masks, weights, last in run_ranks(fsdp_worker, selection, method, world=world):
         assert_equal_run(masks, weights, ref_masks, ref_w)
         assert last == ref_last                    # churn counted over all shards

@@ -32,7 +32,7 @@ def test_plan_json_hand_counted(tmp_path, capsys):
     fs, fd = f["sparse_forward"], f["dense_forward"]
     # digits: 1797 - 360 test = 1437 train -> 44 batches of 32 per epoch, 88 steps, t_end 66
     assert plan["schedule"] == {"total_steps": 88, "steps_per_epoch": 44, "epochs": 2.0, "delta": 10, "t_end": 66,
-                                "num_mask_updates": 6, "density_timeline": [], "global_batch": 32,
+                                "num_mask_updates": 6, "density_timeline": [], "dense_phases": [], "global_batch": 32,
                                 "world_size": 1, "grad_accumulation": 1}
     expected = ((3 * fs * 10 + 2 * fs + fd) / 11 * 66 + 3 * fs * 22) / (3 * fd * 88)
     assert f["train_ratio"] == pytest.approx(expected)
@@ -73,3 +73,34 @@ def test_plan_table_and_static_dense(tmp_path, capsys):
     plan = json.loads(capsys.readouterr().out)
     assert plan["schedule"]["num_mask_updates"] == 0
     assert plan["flops"]["train_ratio"] == pytest.approx(plan["flops"]["inference_ratio"])
+
+
+def test_plan_of_gap_cyclic_hand_counted(tmp_path, capsys):
+    """plan_net (conv 36, fc 2560; ERK 0.5 keeps the conv dense, fc 1262) under gap_cyclic with 2
+    partitions (conv | fc), T = 10 steps, 2 rounds over 88 steps: fc is dense for steps 11-20 and
+    31-40, at its target otherwise; training FLOPs count those dense steps."""
+    cfg = tmp_path / "g.yaml"
+    cfg.write_text(
+        "name: gap\nmodel: {name: 'tests.helpers:plan_net'}\ndata: {name: digits, batch_size: 32}\n"
+        "sparsity: {method: gap_cyclic, sparsity: 0.5, distribution: erk, gap_partitions: 2, gap_phase: 10, "
+        "gap_rounds: 2}\ntrain: {epochs: 2}\n")
+    assert main(["plan", str(cfg), "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    s = plan["schedule"]
+    assert s["delta"] == 10 and s["t_end"] == 40 and s["num_mask_updates"] == 4
+    sparse, dense = (36 + 1262) / 2596, 1.0
+    assert s["density_timeline"] == [{"step": 0, "global_density": pytest.approx(sparse)},
+                                     {"step": 11, "global_density": dense},
+                                     {"step": 21, "global_density": pytest.approx(sparse)},
+                                     {"step": 31, "global_density": dense},
+                                     {"step": 41, "global_density": pytest.approx(sparse)}]
+    assert [(p["from_step"], p["dense_partition"], p["layers"]) for p in s["dense_phases"]] == [
+        (0, 0, ["conv.weight"]), (11, 1, ["fc.weight"]), (21, 0, ["conv.weight"]), (31, 1, ["fc.weight"]),
+        (41, None, [])]
+    f = plan["flops"]
+    fs, fd = f["sparse_forward"], f["dense_forward"]
+    assert f["train_ratio"] == pytest.approx((3 * fs * (11 + 10 + 47) + 3 * fd * 20) / (3 * fd * 88))
+    assert main(["plan", str(cfg)]) == 0
+    table = capsys.readouterr().out
+    assert "from step 11 (round 1): partition 1 dense (1 layers: fc.weight)" in table
+    assert "from step 41: every layer at its target (fixed masks: fine-tuning)" in table

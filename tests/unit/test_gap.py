@@ -1,0 +1,132 @@
+"""gap_cyclic (C-GaP): partitions, the count timeline, every update against a sort-based reference
+(the leaving partition pruned by |w| to its targets, the next one grown dense at weight 0 with
+fresh optimizer state), fixed masks after the last prune, exact resume mid-phase, plan's timeline,
+and bad settings refused by name."""
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rigl_ds.core import GaPCyclic
+from rigl_ds.core.gap import GaPSchedule, partition_layers
+from rigl_ds.core.selection import drop_and_grow
+from tests.helpers import batch, make, train_steps
+
+TOTAL, T = 40, 5
+
+
+def build(seed=0, opt_cls=torch.optim.SGD, **kw):
+    model = make(seed)
+    opt = opt_cls(model.parameters(), lr=0.05, **({"momentum": 0.9} if opt_cls is torch.optim.SGD else {}))
+    kw = {"sparsity": 0.8, "distribution": "erk", "gap_partitions": 2, "gap_phase": T, "gap_rounds": 2, "seed": seed,
+          **kw}
+    return model, opt, GaPCyclic(model, opt, total_steps=TOTAL, **kw)
+
+
+def test_partitions_are_consecutive_and_balanced_by_weights():
+    numel = {"a": 10, "b": 10, "c": 100, "d": 10, "e": 70}
+    assert partition_layers(numel, 1) == [("a", "b", "c", "d", "e")]
+    assert partition_layers(numel, 2) == [("a", "b", "c"), ("d", "e")]            # 120 | 80, closest to 100
+    assert partition_layers(numel, 3) == [("a", "b"), ("c", "d"), ("e",)]          # cuts at 20 and 130: nearest 66.7, 133.3
+    assert partition_layers(numel, 5) == [("a",), ("b",), ("c",), ("d",), ("e",)]
+    assert partition_layers({"x": 1, "y": 1000, "z": 1}, 3) == [("x",), ("y",), ("z",)]   # a layer each, at least
+    with pytest.raises(ValueError, match="gap_partitions=6 exceeds the 5 masked layers"):
+        partition_layers(numel, 6)
+
+
+def test_every_update_prunes_the_leaving_partition_and_grows_the_next_one_dense():
+    model, opt, sp = build()
+    params = dict(model.named_parameters())
+    assert sp.partitions == [("conv1.weight", "conv2.weight"), ("fc1.weight", "fc2.weight")]
+    final, numel = sp.final_nnz, {n: m.numel() for n, m in sp.masks.items()}
+    dense_at = []
+    for t in range(TOTAL):
+        x, y = batch(t)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        before = {n: m.clone() for n, m in sp.masks.items()}
+        w = {n: params[n].detach().abs().clone() for n in sp.masks}
+        assert sp.step()                                        # the optimizer step is never skipped
+        dense = GaPSchedule(T, 2, 2).dense_partition(t + 1)
+        dense_at.append(dense)
+        for n, m in sp.masks.items():
+            want_count = numel[n] if dense is not None and n in sp.partitions[dense] else final[n]
+            assert int(m.sum()) == sp.nnz[n] == want_count, (t, n)
+        if sp.last_update and sp.last_update["step"] == t:
+            assert sp.last_update["dense_partition"] == (-1 if dense is None else dense)
+            for n, m in sp.masks.items():
+                k = int(before[n].sum()) - int(m.sum())
+                if k > 0:                                        # pruned: the k smallest |w|, ties to the lower index
+                    assert torch.equal(m, drop_and_grow(before[n], w[n], None, k, 0)), (t, n)
+                elif k < 0:                                      # grown: every position, at weight 0, state reset
+                    assert bool(m.all()), (t, n)
+                    grown = m & ~before[n]
+                    assert torch.count_nonzero(params[n].detach()[grown]) == 0
+                    assert torch.count_nonzero(opt.state[params[n]]["momentum_buffer"][grown]) == 0
+                else:
+                    assert torch.equal(m, before[n]), (t, n)
+        opt.step()
+        for n, m in sp.masks.items():
+            assert torch.count_nonzero(params[n].detach()[~m]) == 0
+    # partition 0 dense for steps 0-5, 1 for 6-10, 0 for 11-15, 1 for 16-20, then fine-tuning with fixed masks
+    assert dense_at[:21] == [0] * 5 + [1] * 5 + [0] * 5 + [1] * 5 + [None] and set(dense_at[20:]) == {None}
+    assert sp.nnz == final and sp.measure().mask_density == pytest.approx(sp.planned_density)
+    assert [u for u in range(TOTAL) if sp.schedule.is_update_step(u)] == [5, 10, 15, 20]
+
+
+def test_counts_at_is_what_the_run_holds_and_plan_prints_the_phases():
+    model, opt, sp = build()
+    held = []
+    train_steps(model, opt, sp, TOTAL, check=lambda t: held.append({n: int(m.sum()) for n, m in sp.masks.items()}))
+    numel = {n: m.numel() for n, m in sp.masks.items()}
+    for t in range(TOTAL):
+        assert held[t] == GaPCyclic.counts_at(sp.schedule, sp.final_nnz, numel, t + 1, sp._groups), t
+    phases = GaPCyclic.timeline(sp.schedule, numel)
+    assert [(p["from_step"], p["dense_partition"]) for p in phases] == [(0, 0), (6, 1), (11, 0), (16, 1), (21, None)]
+    assert phases[1]["layers"] == ["fc1.weight", "fc2.weight"] and phases[2]["round"] == 2
+
+
+def test_a_run_resumed_mid_phase_equals_the_uninterrupted_one():
+    cut = 13
+    model, opt, sp = build(opt_cls=torch.optim.Adam)
+    train_steps(model, opt, sp, TOTAL)
+    m2, o2, s2 = build(opt_cls=torch.optim.Adam)
+    train_steps(m2, o2, s2, cut)
+    buf = io.BytesIO()
+    torch.save({"model": m2.state_dict(), "opt": o2.state_dict(), "sp": s2.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    m3, o3, s3 = build(seed=5, opt_cls=torch.optim.Adam)
+    m3.load_state_dict(ckpt["model"])
+    o3.load_state_dict(ckpt["opt"])
+    s3.load_state_dict(ckpt["sp"])
+    assert s3.dense_partition == 0 and s3.nnz == s2.nnz
+    train_steps(m3, o3, s3, TOTAL - cut, start=cut)
+    for a, b in zip(model.state_dict().values(), m3.state_dict().values()):
+        assert torch.equal(a, b)
+    for a, b in zip(opt.state_dict()["state"].values(), o3.state_dict()["state"].values()):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(sp.masks[k], s3.masks[k]) for k in sp.masks) and sp.last_update == s3.last_update
+
+
+def test_a_checkpoint_from_another_phase_is_refused_by_its_counts():
+    model, opt, sp = build()
+    train_steps(model, opt, sp, 7)                     # partition 1 dense now
+    state = sp.state_dict()
+    state["step"] = 3                                  # claims partition 0's phase
+    with pytest.raises(ValueError, match=r"mask 'conv2.weight' has 157 active weights, this sparsifier expects "
+                                         r"1152 at step 3"):
+        build()[2].load_state_dict(state)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(gap_phase=10, gap_rounds=2), r"gap_cyclic's last prune \(step 40 = gap_partitions 2 x gap_rounds 2 x "
+                                       r"gap_phase 10 steps\) is not before the end of training \(40 steps\)"),
+    (dict(gap_phase=1.5), r"gap_phase must be a fraction of total steps in \(0, 1\] or an integer step count"),
+    (dict(gap_partitions=5, gap_rounds=1, gap_phase=3), "gap_partitions=5 exceeds the 4 masked layers"),
+    (dict(gap_rounds=0), "gap_rounds must be an integer >= 1, got 0"),
+])
+def test_bad_gap_settings_are_refused_by_name(kw, match):
+    with pytest.raises(ValueError, match=match):
+        build(**kw)
