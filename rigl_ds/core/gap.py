@@ -19,8 +19,10 @@ Choices where the paper and its code leave room, each a knob of ``sparsity`` (RE
   partition but never changes;
 * the prune at the end of a phase and the growth of the next partition are one mask update at
   that step; the optimizer step is not skipped there;
-* pruning is per layer, to the distribution's count (``uniform`` and ``erk`` both work; the
-  paper's "non-uniform" one-threshold global pruning and P-GaP are not built yet).
+* ``gap_prune: layer`` prunes each layer to the distribution's count (the paper's "uniform";
+  ``erk`` works the same way); ``gap_prune: global`` (the paper's "non-uniform") keeps the leaving
+  partition's planned total with one |w| threshold over all its layers, so its layers' counts
+  follow their weights (the model's total stays exact); P-GaP is not built yet.
 """
 from __future__ import annotations
 
@@ -44,10 +46,12 @@ class GaPSchedule:
     rounds: int
 
     def __post_init__(self) -> None:
-        for key, v in (("gap_phase (steps)", self.delta), ("gap_partitions", self.partitions),
-                       ("gap_rounds", self.rounds)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{key} must be an integer >= 1, got {v!r}")
+        for key, v, least in (("gap_phase (steps)", self.delta, 1), ("gap_partitions", self.partitions, 2),
+                              ("gap_rounds", self.rounds, 1)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < least:
+                raise ValueError(f"{key} must be an integer >= {least}, got {v!r}"
+                                 + (" (with one partition the whole model would be dense between prunes)"
+                                    if key == "gap_partitions" else ""))
 
     @classmethod
     def from_config(cls, config: SparsityConfig, total_steps: int) -> "GaPSchedule":
@@ -159,11 +163,56 @@ class GaPCyclic(Sparsifier):
     def counts(self, due_at: int) -> tuple[dict[str, tuple[int, int]], float]:
         """Prune the layers leaving their dense phase to their targets, grow the next partition's
         layers dense. The fraction reported is the share of active weights that changed."""
-        target = type(self).counts_at(self.schedule, self.final_nnz, self._numel, due_at + 1, self._groups)
+        sched, target = self.schedule, dict(self.nnz)
+        before, after = sched.dense_partition(due_at), sched.dense_partition(due_at + 1)
+        if before is not None:
+            leaving = list(self.partitions[before])
+            if self.config.gap_prune == "global":
+                target.update(self._global_counts(leaving, sum(self.final_nnz[n] for n in leaving)))
+            else:
+                target.update({n: self.final_nnz[n] for n in leaving})
+        if after is not None:
+            target.update({n: self._numel[n] for n in self.partitions[after]})
         out = {n: (self.nnz[n] - target[n], 0) if self.nnz[n] > target[n] else (0, target[n] - self.nnz[n])
                for n in self.nnz if self.nnz[n] != target[n]}
         before = sum(self.nnz.values())
         return out, (sum(kd + kg for kd, kg in out.values()) / before if before else 0.0)
+
+    def _global_counts(self, names: list[str], keep: int) -> dict[str, int]:
+        """Non-uniform prune (``gap_prune: global``): per layer of ``names``, how many of its weights are
+        among the ``keep`` largest |w| over all of them (one threshold; at the threshold the earlier
+        layers, then the lower positions, first). Reads each layer whole (a collective on sharded
+        engines), once per phase change."""
+        if not names:
+            return {}
+        whole = [self.engine.whole(n, self.drop_score(n)).reshape(-1).float() for n in names]
+        values = torch.cat(whole)
+        if keep <= 0 or keep > values.numel():
+            raise ValueError(f"cannot keep {keep} of the {values.numel()} weights of {names}")
+        thr = values.kthvalue(values.numel() - keep + 1).values
+        above = [int((v > thr).sum()) for v in whole]
+        tied = [int((v == thr).sum()) for v in whole]
+        left = keep - sum(above)
+        out = {}
+        for n, a, t in zip(names, above, tied):
+            take = min(t, left)
+            out[n] = a + take
+            left -= take
+        return out
+
+    def _accept_counts(self, step: int, want: dict[str, int], held: dict[str, int]) -> dict[str, int]:
+        """With ``gap_prune: global`` a pruned partition's layers hold counts set by its threshold: each
+        partition's total must be the planned one; the dense partition's layers must be dense."""
+        if self.config.gap_prune != "global":
+            return want
+        out = dict(want)
+        dense = self.schedule.dense_partition(step)
+        for i, part in enumerate(self.partitions):
+            if i == dense:
+                continue
+            if sum(held[n] for n in part) == sum(want[n] for n in part) and all(held[n] <= self._numel[n] for n in part):
+                out.update({n: held[n] for n in part})
+        return out
 
     def grow_score(self, name: str, grads: Mapping[str, Tensor] | None) -> Tensor:
         """Every inactive position of a growing layer becomes active: the score only orders ties."""

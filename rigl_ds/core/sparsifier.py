@@ -39,6 +39,10 @@ logger = logging.getLogger(__name__)
 STATE_VERSION = 1
 
 
+#: how gap_cyclic prunes a dense partition back (rigl_ds.core.gap)
+GAP_PRUNES = ("layer", "global")
+
+
 def knob(default: Any, doc: str, *, yaml: Any = None, yaml_default: Any = dataclasses.MISSING,
          **limits: float) -> Any:
     """A field of :class:`SparsityConfig`: the one declaration of a sparsity knob. The YAML schema
@@ -68,6 +72,11 @@ def _yaml_distributions() -> Any:
     return Literal[DISTRIBUTIONS]
 
 
+def _yaml_gap_prunes() -> Any:
+    from typing import Literal
+    return Literal[GAP_PRUNES]
+
+
 def _yaml_anneals() -> Any:
     from typing import Literal
     return Literal[ANNEALS]
@@ -94,10 +103,13 @@ class SparsityConfig:
     t_start: float | int = knob(0, "gmp: pruning starts here (fraction or step, as t_end)", yaml=float | int)
     initial_sparsity: float = knob(0.0, "gmp: the sparsity at t_start (0: a dense start)", ge=0.0, lt=1.0)
     gap_partitions: int = knob(4, "gap_cyclic: kappa, the partitions of consecutive layers (balanced by weights)",
-                               ge=1)
+                               ge=2)
     gap_phase: float | int = knob(0.1, "gap_cyclic: T, steps a partition stays dense: a fraction of total steps "
                                   "(float) or a step count (int)", yaml=float | int, gt=0)
     gap_rounds: int = knob(1, "gap_cyclic: rounds of kappa phases; then the masks stay fixed (fine-tuning)", ge=1)
+    gap_prune: str = knob("layer", "gap_cyclic: how a dense partition is pruned back: layer (each layer to its "
+                          "distribution count: uniform) or global (one |w| threshold over the partition, keeping "
+                          "its total: non-uniform)", yaml=_yaml_gap_prunes)
     anneal: str = knob("cosine", "drop fraction over time: cosine or constant", yaml=_yaml_anneals)
     grad_accumulation_n: int = knob(1, "dense gradients of the last n steps up to an update are averaged", ge=1)
     erk_power_scale: float = knob(1.0, "ERK raw density raised to this power", ge=0.0)
@@ -126,6 +138,11 @@ class SparsityConfig:
             if self.method != "rigl" or get_structure(self.structure).name != "fan_in":
                 raise ValueError(f"gamma_sal (neuron ablation) needs method: rigl and structure: fan_in, got method: "
                                  f"{self.method}, structure: {self.structure} (set gamma_sal: null)")
+        if self.gap_prune not in GAP_PRUNES:
+            raise ValueError(f"gap_prune must be one of {', '.join(GAP_PRUNES)}, got {self.gap_prune!r}")
+        if self.gap_prune == "global" and get_structure(self.structure).name != "unstructured":
+            raise ValueError(f"gap_prune: global (one threshold over a partition) needs structure: unstructured, got "
+                             f"structure: {self.structure}")
         if self.anneal not in ANNEALS:
             raise ValueError(f"anneal must be one of {', '.join(ANNEALS)}, got {self.anneal!r}")
         s = self.sparsity
@@ -550,6 +567,12 @@ class Sparsifier:
                         "fan-in %d", due_at, n, remove, gamma, left, new_fan_in)
         return start, plan, expected, ablated
 
+    def _accept_counts(self, step: int, want: dict[str, int], held: dict[str, int]) -> dict[str, int]:
+        """The counts a loaded checkpoint must hold at ``step``, given what its masks hold: ``want``
+        (a method whose per-layer counts depend on the weights, such as gap_cyclic's global prune,
+        checks what it can and accepts the rest)."""
+        return want
+
     def _quotas(self, name: str, mask: Tensor, planned: int, live_total: int) -> tuple[int, Tensor | int]:
         """(the count ``name`` holds, its groups' quota) with ``live_total`` live rows of a layer whose
         removed rows (neuron ablation) hold nothing: ``min(row, planned // live)`` per live row."""
@@ -623,6 +646,7 @@ class Sparsifier:
             torch.stack([torch.count_nonzero(masks[l.name]),
                          self._off_quota(l.name, masks[l.name], quotas[l.name])]).cpu()
             for l in self.layers]))
+        want = self._accept_counts(step, want, {l.name: int(n) for l, (n, _) in zip(self.layers, active.tolist())})
         for layer, (n, off) in zip(self.layers, active.tolist()):
             if n != want[layer.name]:
                 raise ValueError(

@@ -29,10 +29,13 @@ def check_invariants(model, opt, sp):
 def sparsifier(method, model, opt, engine=None):
     """The sparsifier of these runs; ``method`` is a method name, or ``name+structure``: fan_in at the
     same ERK 80%, N:M at sparsity 1 - N/M, uniform (the first conv, rows of 9, stays dense);
-    ``rigl+fan_in+ablation``: with SRigL's neuron ablation at gamma_sal 0.9 (rows are removed)."""
+    ``rigl+fan_in+ablation``: with SRigL's neuron ablation at gamma_sal 0.9 (rows are removed);
+    ``gap_cyclic+global``: C-GaP with the global-magnitude (non-uniform) prune."""
     name, _, structure = method.partition("+")
     structure, _, extra = structure.partition("+")
     kw = {"gamma_sal": 0.9} if extra == "ablation" else {}
+    if structure == "global":
+        structure, kw = "", {"gap_prune": "global"}
     if structure:
         kw["structure"] = structure
         if ":" in structure:

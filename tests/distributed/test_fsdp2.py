@@ -96,11 +96,12 @@ def fsdp_worker(rank, world, selection, method="rigl"):
                                                     (3, "sharded", "gmp"), (2, "gather", "gmp"),
                                                     (3, "sharded", "rigl+fan_in"), (3, "sharded", "gmp+2:4"),
                                                     (2, "gather", "set+2:4"), (3, "sharded", "rigl+fan_in+ablation"),
-                                                    (3, "sharded", "gap_cyclic")],
+                                                    (3, "sharded", "gap_cyclic"), (2, "sharded", "gap_cyclic+global")],
                          ids=["2-ranks-sharded-topk", "2-ranks-gather-reference", "3-ranks-uneven-sharded-topk",
                               "3-ranks-uneven-sharded-gmp", "2-ranks-gather-gmp", "3-ranks-uneven-sharded-fan-in",
                               "3-ranks-uneven-sharded-gmp-2:4", "2-ranks-gather-set-2:4",
-                              "3-ranks-uneven-sharded-neuron-ablation", "3-ranks-uneven-sharded-gap-cyclic"])
+                              "3-ranks-uneven-sharded-neuron-ablation", "3-ranks-uneven-sharded-gap-cyclic",
+                              "2-ranks-sharded-gap-cyclic-global"])
 def test_fsdp2_equals_single_process(world, selection, method):
     ref_masks, ref_w, ref_last = single_process(model=make_model(), data=data, method=method)
     if method.endswith("+ablation"):                 # rows were removed, so the sharded saliency top-k was used
@@ -109,7 +110,7 @@ def test_fsdp2_equals_single_process(world, selection, method):
     assert len(ref_masks) == (4 if grows else 5)
     if method == "gmp+2:4":                          # from dense: 4, 3, then 2 of every 4 (prunes between change nothing)
         assert sorted({int(m["fc1.weight"].sum()) * 4 // m["fc1.weight"].numel() for m in ref_masks}) == [2, 3]
-    if method == "gap_cyclic":                       # 4 partitions dense in turn, then a final prune (grows nothing)
+    if method.startswith("gap_cyclic"):              # 4 partitions dense in turn, then a final prune (grows nothing)
         assert [ref_last["dense_partition"], ref_last["churn"]] == [-1, 0.0]
         assert len({sum(int(m.sum()) for m in ms.values()) for ms in ref_masks}) > 1
     else:

@@ -130,3 +130,82 @@ def test_a_checkpoint_from_another_phase_is_refused_by_its_counts():
 def test_bad_gap_settings_are_refused_by_name(kw, match):
     with pytest.raises(ValueError, match=match):
         build(**kw)
+
+
+def global_reference(w: dict, names, keep):
+    """Per layer, how many of the ``keep`` largest |w| over ``names`` (sorted, ties in layer order)."""
+    values = torch.cat([w[n].reshape(-1) for n in names])
+    top = torch.sort(values, descending=True, stable=True).indices[:keep]
+    bounds = torch.tensor([w[n].numel() for n in names]).cumsum(0)
+    layer = torch.bucketize(top, bounds, right=True)
+    return {n: int((layer == i).sum()) for i, n in enumerate(names)}
+
+
+def test_global_prune_keeps_each_partition_total_with_one_threshold():
+    model, opt, sp = build(gap_prune="global", sparsity=0.9)
+    params = dict(model.named_parameters())
+    final, numel = sp.final_nnz, {n: m.numel() for n, m in sp.masks.items()}
+    uneven = False
+    for t in range(TOTAL):
+        x, y = batch(t)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        before = {n: m.clone() for n, m in sp.masks.items()}
+        w = {n: params[n].detach().abs().clone() for n in sp.masks}
+        assert sp.step()
+        if sp.last_update and sp.last_update["step"] == t:
+            leaving = [n for n in sp.masks if int(sp.masks[n].sum()) < int(before[n].sum())]
+            part = next(p for p in sp.partitions if set(leaving) <= set(p))
+            want = global_reference(w, list(part), sum(final[n] for n in part))
+            for n in part:
+                assert int(sp.masks[n].sum()) == want[n] == sp.nnz[n], (t, n)
+                k = int(before[n].sum()) - want[n]
+                assert torch.equal(sp.masks[n], drop_and_grow(before[n], w[n], None, k, 0)), (t, n)
+            uneven |= any(want[n] != final[n] for n in part)
+        opt.step()
+        assert sum(sp.nnz.values()) == sum(GaPCyclic.counts_at(sp.schedule, final, numel, t + 1, sp._groups).values())
+        for n, m in sp.masks.items():
+            assert int(m.sum()) == sp.nnz[n] and torch.count_nonzero(params[n].detach()[~m]) == 0
+    assert uneven                                      # the threshold moved counts between layers
+    assert sum(sp.nnz.values()) == sum(final.values())
+    assert sp.measure().mask_density == pytest.approx(sp.planned_density)
+
+
+def test_a_global_prune_run_resumes_exactly_and_a_wrong_total_is_refused():
+    cut = 13                                           # after prunes at 5 and 10
+    model, opt, sp = build(gap_prune="global", opt_cls=torch.optim.Adam)
+    train_steps(model, opt, sp, TOTAL)
+    m2, o2, s2 = build(gap_prune="global", opt_cls=torch.optim.Adam)
+    train_steps(m2, o2, s2, cut)
+    assert s2.nnz != {**s2.final_nnz, **{n: s2._numel[n] for n in s2.partitions[0]}}   # counts moved
+    state = s2.state_dict()
+    buf = io.BytesIO()
+    torch.save({"model": m2.state_dict(), "opt": o2.state_dict(), "sp": state}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    m3, o3, s3 = build(seed=5, gap_prune="global", opt_cls=torch.optim.Adam)
+    m3.load_state_dict(ckpt["model"])
+    o3.load_state_dict(ckpt["opt"])
+    s3.load_state_dict(ckpt["sp"])
+    assert s3.nnz == s2.nnz
+    train_steps(m3, o3, s3, TOTAL - cut, start=cut)
+    for a, b in zip(model.state_dict().values(), m3.state_dict().values()):
+        assert torch.equal(a, b)
+    assert all(torch.equal(sp.masks[k], s3.masks[k]) for k in sp.masks) and sp.nnz == s3.nnz
+    bad = {**state, "masks": dict(state["masks"])}
+    fc2 = bad["masks"]["fc2.weight"].clone()
+    fc2.view(-1)[(~fc2).view(-1).nonzero()[0]] = True  # one weight more in the sparse partition
+    bad["masks"]["fc2.weight"] = fc2
+    with pytest.raises(ValueError, match=r"mask 'fc1.weight' has \d+ active weights, this sparsifier expects"):
+        build(gap_prune="global")[2].load_state_dict(bad)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(gap_prune="global", structure="fan_in"), "gap_prune: global .* needs structure: unstructured, got "
+                                                   "structure: fan_in"),
+    (dict(gap_prune="magnitude"), "gap_prune must be one of layer, global, got 'magnitude'"),
+    (dict(gap_partitions=1), r"gap_partitions must be an integer >= 2, got 1 \(with one partition"),
+])
+def test_bad_gap_prune_settings_are_refused_by_name(kw, match):
+    with pytest.raises(ValueError, match=match):
+        build(**kw)
