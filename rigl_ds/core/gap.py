@@ -18,7 +18,9 @@ Choices where the paper and its code leave room, each a knob of ``sparsity`` (RE
   scripts cut by blocks of layers); a layer kept dense by the distribution still counts in its
   partition but never changes;
 * the prune at the end of a phase and the growth of the next partition are one mask update at
-  that step; the optimizer step is not skipped there;
+  that step, whose optimizer step is skipped (as RigL's; ``skip_step_on_update``): the grown
+  weights start training at 0 from the next step on every engine, whether or not it sent the
+  gradients of masked positions;
 * ``gap_prune: layer`` prunes each layer to the distribution's count (the paper's "uniform";
   ``erk`` works the same way); ``gap_prune: global`` (the paper's "non-uniform") keeps the leaving
   partition's planned total with one |w| threshold over all its layers, so its layers' counts
@@ -120,7 +122,7 @@ class GaPCyclic(Sparsifier):
     method = "gap_cyclic"
     updates = True
     needs_dense_grad = False
-    skips_step_on_update = False
+    skips_step_on_update = True
 
     @classmethod
     def make_schedule(cls, config: SparsityConfig, total_steps: int) -> GaPSchedule:

@@ -136,9 +136,9 @@ def ddp_worker(rank, world, packed, channels_last=False, method="rigl"):
 
 @pytest.mark.parametrize("packed,channels_last,method", [(False, False, "rigl"), (True, False, "rigl"),
                                                          (True, True, "rigl"), (True, False, "gmp"),
-                                                         (True, False, "rigl+fan_in")],
+                                                         (True, False, "rigl+fan_in"), (True, False, "gap_cyclic")],
                          ids=["dense-allreduce", "packed-allreduce", "packed-allreduce-channels-last",
-                              "packed-allreduce-gmp", "packed-allreduce-fan-in"])
+                              "packed-allreduce-gmp", "packed-allreduce-fan-in", "packed-allreduce-gap-cyclic"])
 def test_ddp_two_ranks_equal_single_process(packed, channels_last, method):
     ref_masks, ref_w, _ = single_process(method=method)
     results = run_ranks(ddp_worker, packed, channels_last, method)
