@@ -115,8 +115,15 @@ def format_plan(plan: dict[str, Any]) -> str:
         shown = steps if len(steps) <= 8 else steps[:4] + steps[-4:]
         lines.append("density over time (from step: density): " + ", ".join(
             f"{p['step']}: {p['global_density']:.4f}" for p in shown) + (" ..." if len(steps) > 8 else ""))
-    for p in s["dense_phases"]:
-        if p["dense_partition"] is None:
+    phases = s["dense_phases"]
+    first = [p for p in phases if p["round"] in (1, None)]
+    if len(first) < len(phases):            # later rounds repeat the first one's partitions
+        rounds = max(p["round"] for p in phases if p["round"] is not None)
+        first.insert(-1, {"repeat": f"  rounds 2-{rounds} repeat this cycle from step {phases[len(first) - 1]['from_step']}"})
+    for p in first:
+        if "repeat" in p:
+            lines.append(p["repeat"])
+        elif p["dense_partition"] is None:
             lines.append(f"  from step {p['from_step']}: every layer at its target (fixed masks: fine-tuning)")
         else:
             names = p["layers"]

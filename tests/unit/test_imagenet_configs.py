@@ -33,9 +33,55 @@ def published() -> dict[tuple[str, int], list[str]]:
     return out
 
 
-def test_exactly_the_twelve_rows_and_a_base():
+# C-GaP rows: (variant, sparsity %) -> published top-1 (boone891214/GaP README, "S-GaP", 4 partitions)
+GAP_ROWS = {("uniform", 80): "77.856", ("nonuniform", 80): "78.132", ("uniform", 90): "76.348",
+            ("nonuniform", 90): "77.896"}
+
+
+def gap_path(variant, s) -> pathlib.Path:
+    return DIR / f"resnet50_gap_cyclic_{variant}_s{s}.yaml"
+
+
+def test_exactly_the_twelve_rows_the_gap_rows_and_a_base():
     names = sorted(p.name for p in DIR.glob("*.yaml"))
-    assert names == sorted(["_base.yaml"] + [path(d, s, e).name for d, s in ROWS for e in EPOCHS])
+    assert names == sorted(["_base.yaml"] + [path(d, s, e).name for d, s in ROWS for e in EPOCHS]
+                           + [gap_path(v, s).name for v, s in GAP_ROWS])
+
+
+@pytest.mark.parametrize("variant,s", sorted(GAP_ROWS))
+def test_gap_rows_header_and_plan(variant, s, monkeypatch):
+    """Each C-GaP YAML: the published top-1 and its launch commands in the header; the RigL rows'
+    recipe with method gap_cyclic; the plan's phases (4 partitions of T = 6250 steps, 22 rounds,
+    fine-tuning from step 550,001 of 750,000) and its final density, the uniform_nv one."""
+    monkeypatch.delenv("RIGL_DS_DATA", raising=False)
+    text = gap_path(variant, s).read_text()
+    head = [l for l in text.splitlines() if l.startswith("#")]
+    assert f"published top-1 {GAP_ROWS[variant, s]}" in head[0], head[0]
+    cmds = [l for l in head if "launch/" in l or "rigl-ds " in l]
+    assert len(cmds) == 5 and all(f"configs/imagenet/{gap_path(variant, s).name}" in c for c in cmds)
+    for c in cmds:
+        for w in shlex.split(c.lstrip("# ").split(":", 1)[-1] if c.lstrip("# ").startswith(("or ", "Schedule"))
+                             else c.lstrip("# ")):
+            if w.startswith(("launch/", "ds_configs/", "configs/")):
+                assert (ROOT / w).is_file(), (c, w)
+    cfg = load_config(gap_path(variant, s))
+    rigl = load_config(path("uniform", s, 1200))
+    assert cfg.optimizer == rigl.optimizer and cfg.lr_schedule == rigl.lr_schedule and cfg.train == rigl.train
+    sp = cfg.sparsity
+    assert (sp.method, sp.sparsity, sp.distribution, sp.gap_partitions, sp.gap_phase, sp.gap_rounds, sp.gap_prune) == \
+        ("gap_cyclic", s / 100, "uniform_nv", 4, 6250, 22, "layer" if variant == "uniform" else "global")
+    plan = make_plan(cfg, world=8)
+    sch = plan["schedule"]
+    assert (sch["total_steps"], sch["delta"], sch["t_end"], sch["num_mask_updates"]) == (750_000, 6250, 550_000, 88)
+    phases = sch["dense_phases"]
+    assert [p["dense_partition"] for p in phases] == [0, 1, 2, 3] * 22 + [None]
+    assert phases[-1]["from_step"] == 550_001 and phases[1]["from_step"] == 6251
+    parts = [p["layers"] for p in phases[:4]]
+    assert sum(len(p) for p in parts) == 54 and parts[0][0] == "conv1.weight" and parts[3][-1] == "fc.weight"
+    rigl_plan = make_plan(rigl, world=8)
+    assert plan["global_density"] == rigl_plan["global_density"]
+    assert sch["density_timeline"][-1] == {"step": 550_001, "global_density": rigl_plan["global_density"]}
+    assert plan["flops"]["train_ratio"] > rigl_plan["flops"]["train_ratio"]      # a dense partition costs FLOPs
 
 
 @pytest.mark.skipif(not SPEC.is_file(), reason="../shared/SPEC.md not beside the checkout")
