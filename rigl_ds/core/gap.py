@@ -187,7 +187,10 @@ class GaPCyclic(Sparsifier):
         engines), once per phase change."""
         if not names:
             return {}
-        whole = [self.engine.whole(n, self.drop_score(n)).reshape(-1).float() for n in names]
+        whole = [self.engine.whole(n, self.drop_score(n)).reshape(-1) for n in names]
+        whole = [v if v.dtype in (torch.float32, torch.float64) else v.float() for v in whole]   # fp16/bf16: exact in fp32
+        if len({v.dtype for v in whole}) > 1:
+            whole = [v.double() for v in whole]
         values = torch.cat(whole)
         if keep <= 0 or keep > values.numel():
             raise ValueError(f"cannot keep {keep} of the {values.numel()} weights of {names}")
