@@ -128,3 +128,35 @@ class NeedsRealTensors(nn.Module):
 
 def needs_real_tensors(num_classes: int = 10) -> NeedsRealTensors:
     return NeedsRealTensors(num_classes)
+
+
+def assert_resume_exact(fresh, total: int, cut: int, restored=None):
+    """A run of ``total`` plain steps equals one saved at ``cut`` (model, optimizer and sparsifier
+    state through torch.save, weights_only), loaded into a fresh build of another seed and run to
+    ``total``: weights, optimizer state, masks, counts and the last update bit for bit.
+    ``fresh(seed)`` returns (model, optimizer, sparsifier); ``restored(saved, loaded)`` may check the
+    sparsifiers right after the load. Returns (the saved sparsifier, the uninterrupted one)."""
+    import io
+
+    model, opt, sp = fresh(0)
+    train_steps(model, opt, sp, total)
+    m2, o2, s2 = fresh(0)
+    train_steps(m2, o2, s2, cut)
+    buf = io.BytesIO()
+    torch.save({"model": m2.state_dict(), "opt": o2.state_dict(), "sp": s2.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    m3, o3, s3 = fresh(123)
+    m3.load_state_dict(ckpt["model"])
+    o3.load_state_dict(ckpt["opt"])
+    s3.load_state_dict(ckpt["sp"])
+    if restored is not None:
+        restored(s2, s3)
+    train_steps(m3, o3, s3, total - cut, start=cut)
+    for a, b in zip(model.state_dict().values(), m3.state_dict().values()):
+        assert torch.equal(a, b)
+    for a, b in zip(opt.state_dict()["state"].values(), o3.state_dict()["state"].values()):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(sp.masks[k], s3.masks[k]) for k in sp.masks)
+    assert sp.last_update == s3.last_update and sp.nnz == s3.nnz
+    return s2, sp

@@ -1,15 +1,13 @@
 """SRigL's neuron ablation (``gamma_sal``, RigL with constant fan-in): every update equals a
 sort-based reference of the rule; removed rows stay empty with their weights and optimizer state
 at zero; counts follow min(row, planned // live rows); resume is exact; bad settings are refused."""
-import io
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from rigl_ds.core import RigL, SET
 from rigl_ds.core.selection import drop_and_grow
-from tests.helpers import batch, make, train_steps
+from tests.helpers import assert_resume_exact, batch, make, train_steps
 
 
 def reference_update(mask, w, g, k_drop, planned, gamma):
@@ -118,27 +116,11 @@ def test_an_ablated_run_resumes_exactly():
                   structure="fan_in", gamma_sal=0.3)
         return model, opt, sp
 
-    model, opt, sp = fresh(0)
-    train_steps(model, opt, sp, total)
-    m2, o2, s2 = fresh(0)
-    train_steps(m2, o2, s2, cut)
-    assert s2.ablated_rows["fc1.weight"] > 0
-    buf = io.BytesIO()
-    torch.save({"model": m2.state_dict(), "opt": o2.state_dict(), "sp": s2.state_dict()}, buf)
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
-    m3, o3, s3 = fresh(123)
-    m3.load_state_dict(ckpt["model"])
-    o3.load_state_dict(ckpt["opt"])
-    s3.load_state_dict(ckpt["sp"])
-    assert s3.nnz == s2.nnz and s3.live_rows == s2.live_rows and s3.ablated_rows == s2.ablated_rows
-    train_steps(m3, o3, s3, total - cut, start=cut)
-    for a, b in zip(model.state_dict().values(), m3.state_dict().values()):
-        assert torch.equal(a, b)
-    for a, b in zip(opt.state_dict()["state"].values(), o3.state_dict()["state"].values()):
-        assert all(torch.equal(a[k], b[k]) for k in a)
-    assert all(torch.equal(sp.masks[k], s3.masks[k]) for k in sp.masks)
-    assert sp.last_update == s3.last_update and sp.nnz == s3.nnz
+    def restored(saved, loaded):
+        assert saved.ablated_rows["fc1.weight"] > 0
+        assert (loaded.nnz, loaded.live_rows, loaded.ablated_rows) == (saved.nnz, saved.live_rows, saved.ablated_rows)
+
+    assert_resume_exact(fresh, total, cut, restored)
 
 
 def test_masks_with_uneven_live_rows_are_refused_on_load():

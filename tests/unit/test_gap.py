@@ -2,8 +2,6 @@
 (the leaving partition pruned by |w| to its targets, the next one grown dense at weight 0 with
 fresh optimizer state), fixed masks after the last prune, exact resume mid-phase, plan's timeline,
 and bad settings refused by name."""
-import io
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,7 +9,7 @@ import torch.nn.functional as F
 from rigl_ds.core import GaPCyclic
 from rigl_ds.core.gap import GaPSchedule, partition_layers
 from rigl_ds.core.selection import drop_and_grow
-from tests.helpers import batch, make, train_steps
+from tests.helpers import assert_resume_exact, batch, make, train_steps
 
 TOTAL, T = 40, 5
 
@@ -90,26 +88,10 @@ def test_counts_at_is_what_the_run_holds_and_plan_prints_the_phases():
 
 
 def test_a_run_resumed_mid_phase_equals_the_uninterrupted_one():
-    cut = 13
-    model, opt, sp = build(opt_cls=torch.optim.Adam)
-    train_steps(model, opt, sp, TOTAL)
-    m2, o2, s2 = build(opt_cls=torch.optim.Adam)
-    train_steps(m2, o2, s2, cut)
-    buf = io.BytesIO()
-    torch.save({"model": m2.state_dict(), "opt": o2.state_dict(), "sp": s2.state_dict()}, buf)
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
-    m3, o3, s3 = build(seed=5, opt_cls=torch.optim.Adam)
-    m3.load_state_dict(ckpt["model"])
-    o3.load_state_dict(ckpt["opt"])
-    s3.load_state_dict(ckpt["sp"])
-    assert s3.dense_partition == 0 and s3.nnz == s2.nnz
-    train_steps(m3, o3, s3, TOTAL - cut, start=cut)
-    for a, b in zip(model.state_dict().values(), m3.state_dict().values()):
-        assert torch.equal(a, b)
-    for a, b in zip(opt.state_dict()["state"].values(), o3.state_dict()["state"].values()):
-        assert all(torch.equal(a[k], b[k]) for k in a)
-    assert all(torch.equal(sp.masks[k], s3.masks[k]) for k in sp.masks) and sp.last_update == s3.last_update
+    def restored(saved, loaded):
+        assert loaded.dense_partition == 0 and loaded.nnz == saved.nnz
+
+    assert_resume_exact(lambda seed: build(seed=seed, opt_cls=torch.optim.Adam), TOTAL, 13, restored)
 
 
 def test_a_checkpoint_from_another_phase_is_refused_by_its_counts():
@@ -175,30 +157,15 @@ def test_global_prune_keeps_each_partition_total_with_one_threshold():
 
 
 def test_a_global_prune_run_resumes_exactly_and_a_wrong_total_is_refused():
-    cut = 13                                           # after prunes at 5 and 10
-    model, opt, sp = build(gap_prune="global", sparsity=0.9, opt_cls=torch.optim.Adam)
-    train_steps(model, opt, sp, TOTAL)
-    m2, o2, s2 = build(gap_prune="global", sparsity=0.9, opt_cls=torch.optim.Adam)
-    train_steps(m2, o2, s2, cut)
-    assert s2.nnz != {**s2.final_nnz, **{n: s2._numel[n] for n in s2.partitions[0]}}   # counts moved
-    state = s2.state_dict()
-    buf = io.BytesIO()
-    torch.save({"model": m2.state_dict(), "opt": o2.state_dict(), "sp": state}, buf)
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
-    m3, o3, s3 = build(seed=5, gap_prune="global", sparsity=0.9, opt_cls=torch.optim.Adam)
-    m3.load_state_dict(ckpt["model"])
-    o3.load_state_dict(ckpt["opt"])
-    s3.load_state_dict(ckpt["sp"])
-    assert s3.nnz == s2.nnz
-    train_steps(m3, o3, s3, TOTAL - cut, start=cut)
-    for a, b in zip(model.state_dict().values(), m3.state_dict().values()):
-        assert torch.equal(a, b)
-    assert all(torch.equal(sp.masks[k], s3.masks[k]) for k in sp.masks) and sp.nnz == s3.nnz
-    bad = {**state, "masks": dict(state["masks"])}
-    fc2 = bad["masks"]["fc2.weight"].clone()
+    def restored(saved, loaded):                       # after prunes at 5 and 10 the counts moved
+        assert saved.nnz != {**saved.final_nnz, **{n: saved._numel[n] for n in saved.partitions[0]}}
+        assert loaded.nnz == saved.nnz
+
+    saved, _ = assert_resume_exact(lambda seed: build(seed=seed, gap_prune="global", sparsity=0.9,
+                                                      opt_cls=torch.optim.Adam), TOTAL, 13, restored)
+    bad = saved.state_dict()
+    fc2 = bad["masks"]["fc2.weight"]
     fc2.view(-1)[(~fc2).view(-1).nonzero()[0]] = True  # one weight more in the sparse partition
-    bad["masks"]["fc2.weight"] = fc2
     with pytest.raises(ValueError, match=r"mask 'fc1.weight' has \d+ active weights, this sparsifier expects"):
         build(gap_prune="global", sparsity=0.9)[2].load_state_dict(bad)
 

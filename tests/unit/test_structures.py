@@ -2,7 +2,6 @@
 every group holds exactly its count after every update of every method, bad layers are refused by
 name, and a structured run resumes bit for bit."""
 import copy
-import io
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ import torch.nn.functional as F
 from rigl_ds.core import GMP, SET, RigL, Static, get_structure, structure_kinds
 from rigl_ds.core.selection import (drop_and_grow, random_grouped_mask, random_mask, select_grouped,
                                     select_grouped_reference)
-from tests.helpers import batch, make, train_steps
+from tests.helpers import assert_resume_exact, batch, make
 
 
 def tied(shape, g, levels=5):
@@ -195,25 +194,7 @@ def test_structured_state_dict_round_trip_continues_identically(cls, structure):
                  seed=seed, structure=structure)
         return model, opt, sp
 
-    model, opt, sp = fresh(0)
-    train_steps(model, opt, sp, total)
-    m2, o2, s2 = fresh(0)
-    train_steps(m2, o2, s2, cut)
-    buf = io.BytesIO()
-    torch.save({"model": m2.state_dict(), "opt": o2.state_dict(), "sp": s2.state_dict()}, buf)
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
-    m3, o3, s3 = fresh(123)
-    m3.load_state_dict(ckpt["model"])
-    o3.load_state_dict(ckpt["opt"])
-    s3.load_state_dict(ckpt["sp"])
-    train_steps(m3, o3, s3, total - cut, start=cut)
-    for a, b in zip(model.state_dict().values(), m3.state_dict().values()):
-        assert torch.equal(a, b)
-    for a, b in zip(opt.state_dict()["state"].values(), o3.state_dict()["state"].values()):
-        assert all(torch.equal(a[k], b[k]) for k in a)
-    assert all(torch.equal(sp.masks[k], s3.masks[k]) for k in sp.masks)
-    assert sp.last_update == s3.last_update
+    assert_resume_exact(fresh, total, cut)
 
 
 def test_loading_masks_of_another_structure_is_refused_by_name():
