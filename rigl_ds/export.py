@@ -50,6 +50,13 @@ def _csr(crow: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int]) -> T
         return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=True)
 
 
+def _stale(view: Tensor | None, values: Tensor) -> bool:
+    """Is a cached CSR view unusable now: none yet, on another device, or made under
+    ``torch.inference_mode`` while autograd may now record it (an inference tensor cannot be)."""
+    return view is None or view.device != values.device or (view.is_inference()
+                                                            and not torch.is_inference_mode_enabled())
+
+
 def _sparse_linear(x: Tensor, weight: Tensor, bias: Tensor | None, in_features: int, out_features: int) -> Tensor:
     """``F.linear`` with a CSR weight: one sparse-dense ``addmm`` (MKL on x86 CPUs) on x^T."""
     lead = x.shape[:-1]
@@ -65,9 +72,9 @@ class CondensedLinear(nn.Module):
     sparsity 0.15 of a dense layer's bytes).
 
     On a CPU, fp32, a single input row (``KERNEL_MAX_ROWS``) runs rigl_ds's gather kernel
-    (:mod:`rigl_ds.kernels`, built on first use); larger batches, other devices and dtypes, or a
-    machine where the kernel cannot be built run torch's CSR ``addmm`` over the same arrays. The
-    output carries no gradient to ``values`` (an inference layer)."""
+    (:mod:`rigl_ds.kernels`, built on first use); larger batches, other devices and dtypes, an input
+    that needs a gradient, or a machine where the kernel cannot be built run torch's CSR ``addmm``
+    over the same arrays. The output carries no gradient to ``values`` (an inference layer)."""
 
     KERNEL_MAX_ROWS = 1     # measured (benchmarks/README.md): at 2 rows and more, MKL's CSR kernel wins
 
@@ -80,7 +87,16 @@ class CondensedLinear(nn.Module):
         self.register_buffer("indices", torch.arange(fan_in, dtype=index_dtype).repeat(out_features, 1))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
         self._weight: Tensor | None = None
-        self.register_load_state_dict_post_hook(lambda module, _keys: setattr(module, "_weight", None))
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._loaded())
+
+    def _loaded(self) -> None:
+        """After ``load_state_dict``: the CSR view is remade, and indices outside the layer's inputs
+        are refused (the gather kernel reads ``x[indices]`` unchecked)."""
+        self._weight = None
+        idx = self.indices
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.in_features):
+            raise ValueError(f"CondensedLinear: loaded indices span [{int(idx.min())}, {int(idx.max())}], outside the "
+                             f"layer's inputs 0..{self.in_features - 1}")
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, mask: Tensor) -> "CondensedLinear":
@@ -106,7 +122,7 @@ class CondensedLinear(nn.Module):
     def weight_csr(self) -> Tensor:
         """The CSR view of (values, indices), made once (values shared; int32 indices, a copy when
         stored as int16); remade after ``load_state_dict``."""
-        if self._weight is None or self._weight.device != self.values.device:
+        if _stale(self._weight, self.values):
             self._weight = self._make_csr()
         return self._weight
 
@@ -126,7 +142,7 @@ class CondensedLinear(nn.Module):
         lead = x.shape[:-1]
         rows = x.reshape(-1, self.in_features)
         if (rows.shape[0] <= self.KERNEL_MAX_ROWS and rows.device.type == "cpu" and rows.dtype == torch.float32
-                and self.values.dtype == torch.float32):
+                and self.values.dtype == torch.float32 and not (torch.is_grad_enabled() and x.requires_grad)):
             from rigl_ds.kernels import condensed_kernel
 
             kernel = condensed_kernel()
@@ -162,7 +178,7 @@ class CSRLinear(nn.Module):
                    None if linear.bias is None else linear.bias.detach().clone())
 
     def weight_csr(self) -> Tensor:
-        if self._weight is None or self._weight.device != self.values.device:
+        if _stale(self._weight, self.values):
             self._weight = _csr(self.crow_indices, self.col_indices, self.values, (self.out_features, self.in_features))
         return self._weight
 
@@ -321,10 +337,14 @@ def load_exported(model: nn.Module, path: str | pathlib.Path) -> nn.Module:
             new: nn.Module = CondensedLinear(old.in_features, old.out_features, fan_in, old.bias is not None,
                                              old.weight.dtype)
             stored = state.get(f"{module_name}.indices")
-            if stored is not None and stored.dtype != new.indices.dtype:
-                raise ExportError(f"{path}: layer {module_name!r}: its indices are "
-                                  f"{str(stored.dtype).removeprefix('torch.')} in the file, this layer keeps "
-                                  f"{str(new.indices.dtype).removeprefix('torch.')} (another model, or a damaged file?)")
+            if stored is not None:
+                # every index an input of the layer (the gather kernel reads x[indices] unchecked); another
+                # integer width (int32: exports made before int16 indices) is converted without loss
+                if stored.is_floating_point() or stored.dtype == torch.bool or (stored.numel() and (
+                        int(stored.min()) < 0 or int(stored.max()) >= old.in_features)):
+                    raise ExportError(f"{path}: layer {module_name!r}: its indices ({stored.dtype}) are not inputs "
+                                      f"0..{old.in_features - 1} of the layer (another model, or a damaged file?)")
+                state[f"{module_name}.indices"] = stored.to(new.indices.dtype)
         elif kind == "csr":
             missing = [k for k in ("crow_indices", "col_indices", "values") if f"{module_name}.{k}" not in state]
             if missing or (old.bias is not None) != (f"{module_name}.bias" in state):

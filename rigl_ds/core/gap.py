@@ -169,10 +169,10 @@ class GaPCyclic(Sparsifier):
         before, after = sched.dense_partition(due_at), sched.dense_partition(due_at + 1)
         if before is not None:
             leaving = list(self.partitions[before])
-            if self.config.gap_prune == "global":
-                target.update(self._global_counts(leaving, sum(self.final_nnz[n] for n in leaving)))
-            else:
-                target.update({n: self.final_nnz[n] for n in leaving})
+            target.update({n: self.final_nnz[n] for n in leaving})
+            if self.config.gap_prune == "global":    # layers the distribution keeps dense stay out of it
+                free = [n for n in leaving if self.final_nnz[n] < self._numel[n]]
+                target.update(self._global_counts(free, sum(self.final_nnz[n] for n in free)))
         if after is not None:
             target.update({n: self._numel[n] for n in self.partitions[after]})
         out = {n: (self.nnz[n] - target[n], 0) if self.nnz[n] > target[n] else (0, target[n] - self.nnz[n])
@@ -206,17 +206,27 @@ class GaPCyclic(Sparsifier):
         return out
 
     def _accept_counts(self, step: int, want: dict[str, int], held: dict[str, int]) -> dict[str, int]:
-        """With ``gap_prune: global`` a pruned partition's layers hold counts set by its threshold: each
-        partition's total must be the planned one; the dense partition's layers must be dense."""
+        """With ``gap_prune: global`` a partition pruned at least once holds counts set by its
+        threshold: its pruned layers may split their planned total in any way, the layers kept dense
+        by the distribution stay dense; a partition not yet pruned, and the dense one, hold exactly
+        the planned counts (checked by the caller). A wrong total is refused naming the partition."""
         if self.config.gap_prune != "global":
             return want
         out = dict(want)
-        dense = self.schedule.dense_partition(step)
+        sched = self.schedule
+        done = 0 if step <= 0 else min(sched.num_updates, (step - 1) // sched.delta)    # phases ended before step
+        dense = sched.dense_partition(step)
         for i, part in enumerate(self.partitions):
-            if i == dense:
+            pruned = any(j % sched.partitions == i for j in range(done))
+            if i == dense or not pruned:
                 continue
-            if sum(held[n] for n in part) == sum(want[n] for n in part) and all(held[n] <= self._numel[n] for n in part):
-                out.update({n: held[n] for n in part})
+            free = [n for n in part if self.final_nnz[n] < self._numel[n]]
+            total, planned = sum(held[n] for n in free), sum(want[n] for n in free)
+            if total != planned:
+                raise ValueError(f"partition {i} ({', '.join(free)}) holds {total} active weights in its pruned "
+                                 f"layers, this sparsifier expects {planned} at step {step} (gap_prune: global keeps "
+                                 "each partition's total)")
+            out.update({n: held[n] for n in free})
         return out
 
     def grow_score(self, name: str, grads: Mapping[str, Tensor] | None) -> Tensor:

@@ -138,6 +138,9 @@ class SparsityConfig:
             if self.method != "rigl" or get_structure(self.structure).name != "fan_in":
                 raise ValueError(f"gamma_sal (neuron ablation) needs method: rigl and structure: fan_in, got method: "
                                  f"{self.method}, structure: {self.structure} (set gamma_sal: null)")
+        if self.method == "gap_cyclic" and self.skip_step_on_update is False:
+            raise ValueError("skip_step_on_update: false is not allowed with gap_cyclic: the optimizer step of a phase "
+                             "change is skipped so that grown weights start at 0 on every engine (leave it null)")
         if self.gap_prune not in GAP_PRUNES:
             raise ValueError(f"gap_prune must be one of {', '.join(GAP_PRUNES)}, got {self.gap_prune!r}")
         if self.gap_prune == "global" and get_structure(self.structure).name != "unstructured":
@@ -526,8 +529,9 @@ class Sparsifier:
             return self.masks, plan, expected, {}
         gamma = float(self.config.gamma_sal)
         k_after = {n: self.nnz[n] - plan[n].k_drop for n in names}
-        by_w = self.engine.top_positions([(n, self.drop_score(n), k_after[n]) for n in names])
-        by_g = self.engine.top_positions([(n, self.grow_score(n, grads), k_after[n]) for n in names])
+        tops = self.engine.top_positions([(n, self.drop_score(n), k_after[n]) for n in names]
+                                         + [(n, self.grow_score(n, grads), k_after[n]) for n in names])
+        by_w, by_g = tops[:len(names)], tops[len(names):]
         planned = type(self).counts_at(self.schedule, self.final_nnz, self._numel, due_at, self._groups)
         stats, candidates, live = [], {}, {}
         for n, pw, pg in zip(names, by_w, by_g):

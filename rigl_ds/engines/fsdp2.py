@@ -150,6 +150,10 @@ class FSDP2Engine(LocalEngine):
                 offset, n, shape, _ = self._layout(name)
                 full_mask, full_drop = self._gather(masks[name], name), self._gather(drop_score(name), name)
                 full_grow = self._gather(grow_score(name), name) if c.k_grow else None
+                if isinstance(c.quota, torch.Tensor):      # per-row quotas (neuron ablation): this rank's rows
+                    rows = self._gather(c.quota.view(-1, *[1] * (masks[name].dim() - 1)).expand(masks[name].shape)
+                                        .contiguous(), name)
+                    c = c._replace(quota=rows.reshape(rows.shape[0], -1)[:, 0].contiguous())
                 new = select_layer(full_mask, full_drop, full_grow, c)[0]
                 out[name] = self._changes(masks[name], new.reshape(-1)[offset:offset + n].reshape(shape).clone())
             return out

@@ -53,7 +53,8 @@ torch::Tensor condensed_linear(const torch::Tensor& x, const torch::Tensor& valu
   torch::Tensor bc;
   if (bias.has_value()) {
     bc = bias->contiguous();
-    TORCH_CHECK(bc.scalar_type() == torch::kFloat && bc.numel() == out_features, "condensed_linear: bias (out,)");
+    TORCH_CHECK(bc.device().is_cpu() && bc.scalar_type() == torch::kFloat && bc.numel() == out_features,
+                "condensed_linear: bias (out,), float32 on the CPU");
     bp = bc.data_ptr<float>();
   }
   auto y = torch::empty({batch, out_features}, xc.options());

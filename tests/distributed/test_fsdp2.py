@@ -86,7 +86,7 @@ def fsdp_worker(rank, world, selection, method="rigl"):
         check_local_invariants(model, opt, sp, engine)
         if sp.last_update and sp.last_update["step"] == t:
             masks.append({n: engine._gather(m, n) for n, m in sp.masks.items()})
-    # grown positions are checked where the step is skipped (rigl, set); gmp grows nothing, gap_cyclic steps
+    # grown positions are checked where the step is skipped (rigl, set, gap_cyclic); gmp grows nothing
     assert (engine.total(torch.tensor([grown]))[0] > 0) == sp.skip_step_on_update
     weights = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
     return masks, weights, sp.last_update
@@ -96,12 +96,13 @@ def fsdp_worker(rank, world, selection, method="rigl"):
                                                     (3, "sharded", "gmp"), (2, "gather", "gmp"),
                                                     (3, "sharded", "rigl+fan_in"), (3, "sharded", "gmp+2:4"),
                                                     (2, "gather", "set+2:4"), (3, "sharded", "rigl+fan_in+ablation"),
-                                                    (3, "sharded", "gap_cyclic"), (2, "sharded", "gap_cyclic+global")],
+                                                    (3, "sharded", "gap_cyclic"), (2, "sharded", "gap_cyclic+global"),
+                                                    (2, "gather", "rigl+fan_in+ablation")],
                          ids=["2-ranks-sharded-topk", "2-ranks-gather-reference", "3-ranks-uneven-sharded-topk",
                               "3-ranks-uneven-sharded-gmp", "2-ranks-gather-gmp", "3-ranks-uneven-sharded-fan-in",
                               "3-ranks-uneven-sharded-gmp-2:4", "2-ranks-gather-set-2:4",
                               "3-ranks-uneven-sharded-neuron-ablation", "3-ranks-uneven-sharded-gap-cyclic",
-                              "2-ranks-sharded-gap-cyclic-global"])
+                              "2-ranks-sharded-gap-cyclic-global", "2-ranks-gather-neuron-ablation"])
 def test_fsdp2_equals_single_process(world, selection, method):
     ref_masks, ref_w, ref_last = single_process(model=make_model(), data=data, method=method)
     if method.endswith("+ablation"):                 # rows were removed, so the sharded saliency top-k was used

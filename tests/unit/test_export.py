@@ -174,13 +174,28 @@ def test_bad_exports_are_refused_by_name(tmp_path, capsys):
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
     tensors = load_file(str(path))
+    good = dict(tensors)
     assert tensors["2.indices"].dtype == torch.int16          # 96 inputs: int16 indices
+    tensors["2.indices"] = tensors["2.indices"].clone()
     tensors["2.indices"][0, 0] = 30000
     save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
-    with pytest.raises(ExportError, match=r"layer '2': not a valid sparse matrix \(`0 <= col_indices < ncols` "):
+    with pytest.raises(ExportError, match=r"layer '2': its indices \(torch.int16\) are not inputs 0..95 of the layer"):
         load_exported(mlp(), tmp_path / "bad.safetensors")
-    # indices of another width would be converted (and could wrap) when loaded: refused by name
-    tensors["2.indices"] = tensors["2.indices"].to(torch.int64) + 2**16
+    # another width that would wrap to an in-range int16 when converted: refused by its values
+    tensors["2.indices"] = good["2.indices"].to(torch.int64) + 2**16
     save_file(tensors, str(tmp_path / "wide.safetensors"), metadata=meta)
-    with pytest.raises(ExportError, match=r"layer '2': its indices are int64 in the file, this layer keeps int16"):
+    with pytest.raises(ExportError, match=r"layer '2': its indices \(torch.int64\) are not inputs 0..95"):
         load_exported(mlp(), tmp_path / "wide.safetensors")
+    # repeated indices in a row (in range): torch's CSR check refuses them
+    tensors["2.indices"] = good["2.indices"].clone()
+    tensors["2.indices"][0, 1] = tensors["2.indices"][0, 0]
+    save_file(tensors, str(tmp_path / "dup.safetensors"), metadata=meta)
+    with pytest.raises(ExportError, match=r"layer '2': not a valid sparse matrix"):
+        load_exported(mlp(), tmp_path / "dup.safetensors")
+    # an export made before int16 indices (int32, in range) still loads, with the same outputs
+    tensors["2.indices"] = good["2.indices"].to(torch.int32)
+    save_file(tensors, str(tmp_path / "int32.safetensors"), metadata=meta)
+    old_file, new_file = load_exported(mlp(), tmp_path / "int32.safetensors"), load_exported(mlp(), path)
+    assert old_file.get_submodule("2").indices.dtype == torch.int16
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(old_file(x), new_file(x), rtol=0, atol=0)

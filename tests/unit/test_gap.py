@@ -126,7 +126,7 @@ def global_reference(w: dict, names, keep):
 
 
 def test_global_prune_keeps_each_partition_total_with_one_threshold():
-    model, opt, sp = build(gap_prune="global", sparsity=0.9)
+    model, opt, sp = build(gap_prune="global", sparsity=0.9, distribution="uniform")   # uniform: conv1 dense
     params = dict(model.named_parameters())
     final, numel = sp.final_nnz, {n: m.numel() for n, m in sp.masks.items()}
     uneven = False
@@ -139,8 +139,8 @@ def test_global_prune_keeps_each_partition_total_with_one_threshold():
         stepped = sp.step()
         if sp.last_update and sp.last_update["step"] == t:
             leaving = [n for n in sp.masks if int(sp.masks[n].sum()) < int(before[n].sum())]
-            part = next(p for p in sp.partitions if set(leaving) <= set(p))
-            want = global_reference(w, list(part), sum(final[n] for n in part))
+            part = [n for n in next(p for p in sp.partitions if set(leaving) <= set(p)) if final[n] < numel[n]]
+            want = global_reference(w, part, sum(final[n] for n in part))
             for n in part:
                 assert int(sp.masks[n].sum()) == want[n] == sp.nnz[n], (t, n)
                 k = int(before[n].sum()) - want[n]
@@ -151,6 +151,8 @@ def test_global_prune_keeps_each_partition_total_with_one_threshold():
         assert sum(sp.nnz.values()) == sum(GaPCyclic.counts_at(sp.schedule, final, numel, t + 1, sp._groups).values())
         for n, m in sp.masks.items():
             assert int(m.sum()) == sp.nnz[n] and torch.count_nonzero(params[n].detach()[~m]) == 0
+        assert bool(sp.masks["conv1.weight"].all())        # kept dense by the distribution: never in the threshold
+    assert final["conv1.weight"] == numel["conv1.weight"] and "conv1.weight" in sp.partitions[0]
     assert uneven                                      # the threshold moved counts between layers
     assert sum(sp.nnz.values()) == sum(final.values())
     assert sp.measure().mask_density == pytest.approx(sp.planned_density)
@@ -166,7 +168,8 @@ def test_a_global_prune_run_resumes_exactly_and_a_wrong_total_is_refused():
     bad = saved.state_dict()
     fc2 = bad["masks"]["fc2.weight"]
     fc2.view(-1)[(~fc2).view(-1).nonzero()[0]] = True  # one weight more in the sparse partition
-    with pytest.raises(ValueError, match=r"mask 'fc1.weight' has \d+ active weights, this sparsifier expects"):
+    with pytest.raises(ValueError, match=r"partition 1 \(fc1.weight, fc2.weight\) holds (\d+) active weights in its "
+                                         r"pruned layers, this sparsifier expects (\d+) at step 13"):
         build(gap_prune="global", sparsity=0.9)[2].load_state_dict(bad)
 
 
@@ -175,6 +178,7 @@ def test_a_global_prune_run_resumes_exactly_and_a_wrong_total_is_refused():
                                                    "structure: fan_in"),
     (dict(gap_prune="magnitude"), "gap_prune must be one of layer, global, got 'magnitude'"),
     (dict(gap_partitions=1), r"gap_partitions must be an integer >= 2, got 1 \(with one partition"),
+    (dict(skip_step_on_update=False), "skip_step_on_update: false is not allowed with gap_cyclic"),
 ])
 def test_bad_gap_prune_settings_are_refused_by_name(kw, match):
     with pytest.raises(ValueError, match=match):

@@ -3,6 +3,8 @@ int16 and int32 indices, with and without bias, at any batch; CondensedLinear us
 row and falls back to torch's CSR kernel when kernels are off or cannot be built (logged, same
 outputs)."""
 import logging
+import os
+import shutil
 
 import pytest
 import torch
@@ -26,6 +28,8 @@ def fan_in_layer(in_features, out_features, fan_in, bias=True, seed=0):
 
 @pytest.fixture
 def kernel():
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler: the kernel cannot be built here (the CSR fallback is tested below)")
     op = kernels.condensed_kernel()
     assert op is not None, "the condensed kernel did not build on this machine (see the log)"
     return op
@@ -68,6 +72,11 @@ def test_the_single_row_runs_the_kernel_and_a_batch_runs_csr(kernel, monkeypatch
         assert len(calls) == 2 and c._weight is None        # no CSR copy made for single rows
         c(torch.randn(3, 64))
     assert len(calls) == 2 and c._weight is not None
+    x = torch.randn(1, 64, requires_grad=True)          # a gradient is wanted: the CSR path keeps the graph
+    y = c(x)
+    assert len(calls) == 2 and y.requires_grad
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, (layer.weight.detach() * mask).sum(0, keepdim=True), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("why", ["disabled", "build fails"])
@@ -105,3 +114,13 @@ def test_reloading_a_condensed_layer_remakes_its_csr_view():
     c.load_state_dict(CondensedLinear.from_linear(other, other_mask).state_dict())
     want = torch.nn.functional.linear(x, other.weight.detach() * other_mask, other.bias)
     torch.testing.assert_close(c(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_loading_indices_outside_the_layer_is_refused():
+    layer, mask = fan_in_layer(64, 8, 6)
+    c = CondensedLinear.from_linear(layer, mask)
+    state = c.state_dict()
+    state["indices"] = state["indices"].clone()
+    state["indices"][3, 0] = 64
+    with pytest.raises(ValueError, match=r"loaded indices span \[\d+, 64\], outside the layer's inputs 0..63"):
+        c.load_state_dict(state)
