@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rigl_ds import kernels
+
 logger = logging.getLogger(__name__)
 
 FORMATS = ("dense", "condensed", "csr", "semi_structured")
@@ -143,9 +145,7 @@ class CondensedLinear(nn.Module):
         rows = x.reshape(-1, self.in_features)
         if (rows.shape[0] <= self.KERNEL_MAX_ROWS and rows.device.type == "cpu" and rows.dtype == torch.float32
                 and self.values.dtype == torch.float32 and not (torch.is_grad_enabled() and x.requires_grad)):
-            from rigl_ds.kernels import condensed_kernel
-
-            kernel = condensed_kernel()
+            kernel = kernels.condensed_kernel()
             if kernel is not None:
                 bias = None if self.bias is None else self.bias.detach()
                 return kernel(rows, self.values.detach(), self.indices, bias).reshape(*lead, self.out_features)

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from .methods import register_method
+from .selection import k_extreme_positions
 from .sparsifier import Sparsifier, SparsityConfig
 
 
@@ -194,16 +195,10 @@ class GaPCyclic(Sparsifier):
         values = torch.cat(whole)
         if keep <= 0 or keep > values.numel():
             raise ValueError(f"cannot keep {keep} of the {values.numel()} weights of {names}")
-        thr = values.kthvalue(values.numel() - keep + 1).values
-        above = [int((v > thr).sum()) for v in whole]
-        tied = [int((v == thr).sum()) for v in whole]
-        left = keep - sum(above)
-        out = {}
-        for n, a, t in zip(names, above, tied):
-            take = min(t, left)
-            out[n] = a + take
-            left -= take
-        return out
+        kept = k_extreme_positions(values, keep, largest=True)          # ties: the lower concatenated index
+        ends = torch.tensor([v.numel() for v in whole], device=kept.device).cumsum(0)
+        per_layer = torch.bincount(torch.bucketize(kept, ends, right=True), minlength=len(names)).tolist()
+        return dict(zip(names, per_layer))
 
     def _accept_counts(self, step: int, want: dict[str, int], held: dict[str, int]) -> dict[str, int]:
         """With ``gap_prune: global`` a partition pruned at least once holds counts set by its

@@ -26,12 +26,12 @@ def kernels_enabled() -> bool:
 
 def condensed_kernel() -> Any | None:
     """The compiled ``condensed_linear(x, values, indices, bias)`` op (see condensed.cpp), or ``None``
-    when kernels are disabled or the build failed (the reason is logged once)."""
-    if not kernels_enabled():
-        return None
-    with _lock:
-        if "condensed" not in _state:
-            _state["condensed"] = _build()
+    when kernels are disabled or the build failed (the reason is logged once). Decided at the first
+    call (``RIGL_DS_KERNELS`` is read then); later calls return the same answer at no cost."""
+    if "condensed" not in _state:
+        with _lock:
+            if "condensed" not in _state:
+                _state["condensed"] = _build() if kernels_enabled() else None
     return _state["condensed"]
 
 
