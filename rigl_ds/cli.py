@@ -71,7 +71,7 @@ def cmd_train(args) -> int:
 def cmd_plan(args) -> int:
     from rigl_ds.plan import format_plan, make_plan
 
-    if args.world_size < 1:
+    if args.world_size is not None and args.world_size < 1:
         raise SystemExit(f"rigl-ds plan: --world-size={args.world_size}: must be >= 1")
     plan = make_plan(_load(args), world=args.world_size)
     print(json.dumps(plan) if args.json else format_plan(plan))
@@ -167,8 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("config")
     pl.add_argument("overrides", nargs="*", metavar="key=value")
     pl.add_argument("--json", action="store_true", help="print exactly one JSON object")
-    pl.add_argument("--world-size", type=int, default=1,
-                    help="ranks the run will use (sets the schedule with train.global_batch; default 1)")
+    pl.add_argument("--world-size", type=int, default=None,
+                    help="ranks the run will use (sets the schedule with train.global_batch; default 1, or "
+                         "sparsity.gap_partitions for gap_parallel)")
     pl.set_defaults(fn=cmd_plan)
 
     e = sub.add_parser("eval", help="top-1/top-5 and per-layer density of a checkpoint")

@@ -407,13 +407,24 @@ def semantic_problems(cfg: ExperimentConfig, source: str) -> list[str]:
     if cfg.engine.name == "fsdp2" and cfg.precision.dtype == "fp16":
         out.append(f"{source}: precision.dtype: 'fp16' is not supported with engine.name='fsdp2' (its loss "
                    "scaler is not shard-aware here); use 'bf16' or 'fp32'")
+    if cfg.sparsity.method == "gap_parallel" and cfg.engine.name != "ddp":
+        out.append(f"{cfg.where('engine.name')}: engine.name={cfg.engine.name!r}: sparsity.method=gap_parallel splits the "
+                   "world into copies of the model, which only engine.name='ddp' (torchrun) does here; use 'ddp', or "
+                   "gap_cyclic on this engine")
     if cfg.lr_schedule.name == "step" and not cfg.lr_schedule.step_epochs:
         out.append(f"{source}: lr_schedule.step_epochs: required for lr_schedule.name='step'")
     return out
 
 
 def for_world(cfg: ExperimentConfig, world: int) -> ExperimentConfig:
-    """The config as run on ``world`` ranks: ``train.global_batch`` turned into ``grad_accumulation``."""
+    """The config as run on ``world`` ranks: ``train.global_batch`` turned into ``grad_accumulation``;
+    P-GaP's copies need a world size divisible by their number."""
+    kappa = cfg.sparsity.gap_partitions
+    if cfg.sparsity.method == "gap_parallel" and world % kappa:
+        raise ConfigError([f"{cfg.where('sparsity.gap_partitions')}: sparsity.gap_partitions={kappa}: gap_parallel trains "
+                           f"one copy of the model per partition, each on the same number of ranks, and the world size "
+                           f"{world} is not divisible by {kappa}; launch a multiple of {kappa} ranks or change "
+                           "sparsity.gap_partitions"])
     source = cfg.where("train.global_batch")
     gb = cfg.train.global_batch
     if gb is None:

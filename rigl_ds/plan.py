@@ -11,9 +11,11 @@ from rigl_ds.core import (DENSE, forward_flops, get_method, plan_layers, select_
 from rigl_ds.train import build_experiment
 
 
-def make_plan(cfg: ExperimentConfig, world: int = 1) -> dict[str, Any]:
-    """The plan as a JSON-ready dict for ``world`` ranks; the model is built on the meta device
-    (no memory, no data)."""
+def make_plan(cfg: ExperimentConfig, world: int | None = None) -> dict[str, Any]:
+    """The plan as a JSON-ready dict for ``world`` ranks (default: 1, or gap_parallel's smallest world,
+    one rank per copy); the model is built on the meta device (no memory, no data)."""
+    if world is None:
+        world = cfg.sparsity.gap_partitions if cfg.sparsity.method == "gap_parallel" else 1
     exp = build_experiment(cfg, with_data=False, meta=True, world=world)
     cfg = exp.cfg
     sp = cfg.sparsity
@@ -78,7 +80,7 @@ def make_plan(cfg: ExperimentConfig, world: int = 1) -> dict[str, Any]:
             "delta": sched.delta,
             "t_end": sched.t_end,
             "num_mask_updates": sched.num_updates if dynamic else 0,
-            # gap_cyclic: which partition of layers is dense from which step
+            # gap_cyclic: which partition of layers is dense from which step; gap_parallel: its rounds
             "dense_phases": phases,
             # where the planned density changes (gmp): the first step at each density
             "density_timeline": [{"step": s, "global_density": d} for s, d, _ in points] if len(points) > 1 else [],
@@ -123,6 +125,13 @@ def format_plan(plan: dict[str, Any]) -> str:
     for p in first:
         if "repeat" in p:
             lines.append(p["repeat"])
+        elif "copies" in p:                 # gap_parallel: every partition dense at once, one per copy
+            lines.append(f"  from step {p['from_step']} (round {p['round']}): {len(p['copies'])} copies train apart, "
+                         f"copy i with partition i dense; they merge (partition i from copy i) and are pruned per "
+                         f"layer by |w| at the round's last step")
+            for i, names in enumerate(p["copies"]):
+                shown = ", ".join(names) if len(names) <= 4 else ", ".join(names[:2] + ["..."] + names[-2:])
+                lines.append(f"    copy {i}: partition {i} ({len(names)} layers: {shown})")
         elif p["dense_partition"] is None:
             lines.append(f"  from step {p['from_step']}: every layer at its target (fixed masks: fine-tuning)")
         else:

@@ -10,10 +10,10 @@ from .selection import Change, drop_and_grow, random_mask, select_changes, selec
 from .structures import Structure, StructureError, get_structure, register_structure, structure_kinds
 from .sparsifier import SET, LayerPlan, RigL, Sparsifier, SparsityConfig, Static, build_sparsifier, plan_layers
 from .gmp import GMP     # registers "gmp": a new method is one file and one such import
-from .gap import GaPCyclic  # registers "gap_cyclic"
+from .gap import GaPCyclic, GaPParallel  # registers "gap_cyclic", "gap_parallel"
 
 __all__ = [
-    "Change", "DENSE", "DISTRIBUTIONS", "Engine", "ForwardFlops", "GMP", "GaPCyclic", "LayerPlan", "MaskedLayer", "RigL",
+    "Change", "DENSE", "DISTRIBUTIONS", "Engine", "ForwardFlops", "GMP", "GaPCyclic", "GaPParallel", "LayerPlan", "MaskedLayer", "RigL",
     "SET", "Sparsifier", "SparsityConfig", "Static", "Structure", "StructureError", "UpdateSchedule",
     "achieved_density", "build_sparsifier", "drop_and_grow", "er", "erk", "forward_flops", "get_distribution",
     "get_method", "get_structure", "method_names", "nnz_for", "plan_layers", "random_mask", "register_method",

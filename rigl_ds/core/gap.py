@@ -66,10 +66,13 @@ class GaPSchedule:
         steps = max(1, int(round(phase * total_steps))) if isinstance(phase, float) else phase
         sched = cls(delta=steps, partitions=config.gap_partitions, rounds=config.gap_rounds)
         if sched.t_end >= total_steps:
-            raise ValueError(f"gap_cyclic's last prune (step {sched.t_end} = gap_partitions {sched.partitions} x "
-                             f"gap_rounds {sched.rounds} x gap_phase {steps} steps) is not before the end of training "
-                             f"({total_steps} steps): no sparse fine-tuning would follow; lower gap_phase or gap_rounds")
+            raise ValueError(f"{config.method}'s last prune (step {sched.t_end} = {sched.formula()}) is not before the "
+                             f"end of training ({total_steps} steps): no sparse fine-tuning would follow; lower "
+                             "gap_phase or gap_rounds")
         return sched
+
+    def formula(self) -> str:
+        return f"gap_partitions {self.partitions} x gap_rounds {self.rounds} x gap_phase {self.delta} steps"
 
     @property
     def num_updates(self) -> int:
@@ -232,3 +235,182 @@ class GaPCyclic(Sparsifier):
         super()._update(t, due_at, grads)
         dense = self.schedule.dense_partition(due_at + 1)
         self.last_update["dense_partition"] = -1 if dense is None else dense
+
+
+@dataclass(frozen=True)
+class ParallelSchedule(GaPSchedule):
+    """When P-GaP merges: every ``delta`` (= T) steps for ``rounds`` rounds (all partitions grow at
+    once, one per copy), so t_end = rounds * T."""
+
+    @property
+    def num_updates(self) -> int:
+        return self.rounds
+
+    def formula(self) -> str:
+        return f"gap_rounds {self.rounds} x gap_phase {self.delta} steps"
+
+    def dense_partition(self, step: int) -> int | None:
+        raise TypeError("P-GaP has no single dense partition: copy i grows partition i (see copies_grow)")
+
+    def copies_grow(self, step: int) -> bool:
+        """Do the copies train apart at ``step`` (each with its own partition dense)? False once
+        the last merge (at t_end) is done: the merged model is fine-tuned by every rank together."""
+        return step <= self.t_end
+
+
+@register_method
+class GaPParallel(Sparsifier):
+    """P-GaP: ``gap_partitions`` (kappa) copies of the model train apart, copy i with partition i
+    dense; every ``gap_phase`` steps, for ``gap_rounds`` rounds, the copies merge (partition i and
+    what lies with it taken from copy i), the merged model is pruned to its targets by |w| per layer,
+    and each copy grows its partition again; after the last merge every rank fine-tunes the merged
+    model with fixed masks.
+
+    The world is split into kappa groups of consecutive ranks (``world % kappa == 0``), each
+    data-parallel over its copy: the engine must support it (:meth:`DDPEngine.split_copies
+    <rigl_ds.engines.ddp.DDPEngine.split_copies>`). Choices, each written in README ("Methods"):
+
+    * every rank keeps its slice of each global batch, so copy i trains on its ranks' share
+      (1/kappa of every global batch) and the run costs the examples and steps of any other method;
+    * the merge takes from copy i every parameter from its partition's first layer up to the next
+      partition's first layer in ``named_parameters`` order (biases, norms; the parameters before
+      the first masked layer go with partition 0), with their optimizer state; buffers (BatchNorm
+      statistics) are rank 0's, as DDP broadcasts them every forward;
+    * the prune after a merge is per layer to the distribution's count (the paper's P-GaP is
+      uniform; ``gap_prune: global`` is refused); the copy's regrown positions start at 0 with fresh
+      optimizer state, as C-GaP's; the optimizer step of a merge step is skipped.
+    """
+
+    method = "gap_parallel"
+    updates = True
+    needs_dense_grad = False
+    skips_step_on_update = True
+
+    @classmethod
+    def make_schedule(cls, config: SparsityConfig, total_steps: int) -> ParallelSchedule:
+        return ParallelSchedule.from_config(config, total_steps)
+
+    @classmethod
+    def counts_at(cls, schedule: ParallelSchedule, final: Mapping[str, int], numel: Mapping[str, int], step: int,
+                  groups: Mapping[str, int]) -> dict[str, float]:
+        """The mean over the copies (what the world computes, for ``plan`` and FLOPs): while the
+        copies grow, each layer is dense in one copy of kappa; the final counts after the last merge."""
+        if not schedule.copies_grow(step):
+            return dict(final)
+        k = schedule.partitions
+        return {n: final[n] + (numel[n] - final[n]) / k for n in final}
+
+    @classmethod
+    def timeline(cls, schedule: ParallelSchedule, numel: Mapping[str, int]) -> list[dict[str, Any]]:
+        parts = partition_layers(numel, schedule.partitions)
+        out = [{"from_step": j * schedule.delta + (j > 0), "round": j + 1, "dense_partition": "parallel",
+                "copies": [list(p) for p in parts]} for j in range(schedule.rounds)]
+        out.append({"from_step": schedule.t_end + 1, "round": None, "dense_partition": None, "layers": []})
+        return out
+
+    def _initial_counts(self) -> dict[str, int]:
+        return dict(self.final_nnz)          # the sparse start every copy shares; each then grows its own
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.config.gap_prune != "layer":
+            raise ValueError("gap_parallel prunes each layer to its count (gap_prune: layer); gap_prune: "
+                             f"{self.config.gap_prune} is a gap_cyclic choice")
+        self.partitions: list[tuple[str, ...]] = partition_layers(self._numel, self.schedule.partitions)
+        split = getattr(self.engine, "split_copies", None)
+        if split is None:
+            raise ValueError(f"gap_parallel needs an engine that splits the world into gap_partitions="
+                             f"{self.schedule.partitions} copies (DDP); {type(self.engine).__name__} does not")
+        #: the engine's copy groups: ``index`` (this rank's copy), ``size`` (ranks per copy)
+        self.copies = split(self.schedule.partitions)
+        self.copy: int = self.copies.index
+        self._stage: dict[str, tuple[int, int]] = {}
+        self._set_apart(self.schedule.copies_grow(self._step))
+        self._stage_update(0, self._grow_counts())
+        self.last_update = None
+
+    # ------------------------------------------------------------------ counts
+    def _own_counts(self, step: int) -> dict[str, int]:
+        """The counts this copy holds at ``step``: its partition dense while the copies grow."""
+        out = dict(self.final_nnz)
+        if self.schedule.copies_grow(step):
+            out.update({n: self._numel[n] for n in self.partitions[self.copy]})
+        return out
+
+    def _counts_in_force(self, step: int) -> dict[str, int]:
+        return self._own_counts(step)
+
+    def _grow_counts(self) -> dict[str, tuple[int, int]]:
+        return {n: (0, self._numel[n] - self.nnz[n]) for n in self.partitions[self.copy] if self.nnz[n] < self._numel[n]}
+
+    def counts(self, due_at: int) -> tuple[dict[str, tuple[int, int]], float]:
+        before = sum(self.nnz.values())
+        moved = sum(kd + kg for kd, kg in self._stage.values())
+        return dict(self._stage), (moved / before if before else 0.0)
+
+    def grow_score(self, name: str, grads: Mapping[str, Tensor] | None) -> Tensor:
+        """Every inactive position of a growing layer becomes active: the score only orders ties."""
+        return torch.zeros_like(self.masks[name], dtype=torch.float32)
+
+    # ------------------------------------------------------------------ the merge
+    def _set_apart(self, apart: bool) -> None:
+        self.engine.set_copies_apart(apart)
+        self.apart = apart
+
+    def _stage_update(self, t: int, counts: dict[str, tuple[int, int]]) -> None:
+        self._stage = counts
+        try:
+            Sparsifier._update(self, t, t, None)
+        finally:
+            self._stage = {}
+
+    def _owners(self) -> dict[str, int]:
+        return {n: i for i, part in enumerate(self.partitions) for n in part}
+
+    def _update(self, t: int, due_at: int, grads: Mapping[str, Tensor] | None) -> None:
+        """Merge the copies, prune every layer to its count (the same masks on every rank), then, unless
+        this was the last merge, grow this copy's partition dense again."""
+        self.engine.check_masks(self.masks)          # within each copy
+        self.engine.merge_copies(self._owners())
+        for n, m in self.masks.items():              # each layer arrives dense from the copy that grew it
+            m.fill_(True)
+            self.nnz[n] = self._numel[n]
+        self._set_apart(False)
+        self._stage_update(t, {n: (self._numel[n] - self.final_nnz[n], 0) for n in self.masks
+                               if self.final_nnz[n] < self._numel[n]})
+        record = dict(self.last_update)
+        if self.schedule.copies_grow(due_at + 1):
+            self._set_apart(True)
+            self._stage_update(t, self._grow_counts())
+        record.update(due_step=due_at, merged=True, dense_partition=self.copy if self.apart else -1)
+        self.last_update = record
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """As :meth:`Sparsifier.state_dict`, with the sparse masks every copy shares (each copy's own
+        partition, dense here, is read from another copy: a collective while the copies grow, so
+        every rank calls it)."""
+        state = super().state_dict()
+        if self.apart:
+            owners = self._owners()
+            base = self.copies.masks_from_other_copies({n: self.masks[n] for n in self.masks}, owners)
+            state["masks"] = {n: m.detach().cpu().clone() for n, m in base.items()}
+        state["copies_grow"] = self.apart
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any], *, reset_optimizer_state: bool = True) -> None:
+        """The saved masks are the shared sparse ones: this copy's partition is made dense again while
+        the copies grow (the runtime has loaded this copy's weights and optimizer state)."""
+        state = dict(state)
+        apart = self.schedule.copies_grow(int(state["step"]))
+        if bool(state.get("copies_grow", apart)) != apart:
+            raise ValueError(f"gap_parallel state at step {state['step']} says the copies "
+                             f"{'grow' if state.get('copies_grow') else 'are merged'}, this schedule says otherwise")
+        if apart:
+            masks = dict(state["masks"])
+            for n in self.partitions[self.copy]:
+                if n in masks:
+                    masks[n] = torch.ones_like(masks[n])
+            state["masks"] = masks
+        self._set_apart(apart)
+        super().load_state_dict(state, reset_optimizer_state=reset_optimizer_state)

@@ -102,11 +102,13 @@ class SparsityConfig:
                               yaml=float | int)
     t_start: float | int = knob(0, "gmp: pruning starts here (fraction or step, as t_end)", yaml=float | int)
     initial_sparsity: float = knob(0.0, "gmp: the sparsity at t_start (0: a dense start)", ge=0.0, lt=1.0)
-    gap_partitions: int = knob(4, "gap_cyclic: kappa, the partitions of consecutive layers (balanced by weights)",
+    gap_partitions: int = knob(4, "gap_cyclic, gap_parallel: kappa, the partitions of consecutive layers (balanced "
+                               "by weights); gap_parallel: also the copies (world size % kappa == 0)",
                                ge=2)
-    gap_phase: float | int = knob(0.1, "gap_cyclic: T, steps a partition stays dense: a fraction of total steps "
+    gap_phase: float | int = knob(0.1, "gap_cyclic, gap_parallel: T, steps a partition stays dense: a fraction of total steps "
                                   "(float) or a step count (int)", yaml=float | int, gt=0)
-    gap_rounds: int = knob(1, "gap_cyclic: rounds of kappa phases; then the masks stay fixed (fine-tuning)", ge=1)
+    gap_rounds: int = knob(1, "gap_cyclic: rounds of kappa phases; gap_parallel: rounds of one phase each (grow "
+                           "apart, merge); then the masks stay fixed (fine-tuning)", ge=1)
     gap_prune: str = knob("layer", "gap_cyclic: how a dense partition is pruned back: layer (each layer to its "
                           "distribution count: uniform) or global (one |w| threshold over the partition, keeping "
                           "its total: non-uniform)", yaml=_yaml_gap_prunes)
@@ -138,9 +140,12 @@ class SparsityConfig:
             if self.method != "rigl" or get_structure(self.structure).name != "fan_in":
                 raise ValueError(f"gamma_sal (neuron ablation) needs method: rigl and structure: fan_in, got method: "
                                  f"{self.method}, structure: {self.structure} (set gamma_sal: null)")
-        if self.method == "gap_cyclic" and self.skip_step_on_update is False:
-            raise ValueError("skip_step_on_update: false is not allowed with gap_cyclic: the optimizer step of a phase "
-                             "change is skipped so that grown weights start at 0 on every engine (leave it null)")
+        if self.method in ("gap_cyclic", "gap_parallel") and self.skip_step_on_update is False:
+            raise ValueError(f"skip_step_on_update: false is not allowed with {self.method}: the optimizer step of a "
+                             "phase change is skipped so that grown weights start at 0 on every engine (leave it null)")
+        if self.method == "gap_parallel" and self.gap_prune != "layer":
+            raise ValueError(f"gap_prune: {self.gap_prune} is not allowed with gap_parallel: P-GaP prunes each layer to "
+                             "its distribution count (the paper's P-GaP is uniform); use gap_prune: layer")
         if self.gap_prune not in GAP_PRUNES:
             raise ValueError(f"gap_prune must be one of {', '.join(GAP_PRUNES)}, got {self.gap_prune!r}")
         if self.gap_prune == "global" and get_structure(self.structure).name != "unstructured":
@@ -255,6 +260,14 @@ class Sparsifier:
                 out[layer.name] = (k, k)
         return out, f
 
+    def _initial_counts(self) -> dict[str, int]:
+        """The counts of the initial masks (the random draw's)."""
+        return type(self).counts_at(self.schedule, self.final_nnz, self._numel, 0, self._groups)
+
+    def _counts_in_force(self, step: int) -> dict[str, int]:
+        """The counts this rank's masks hold at ``step`` (what a loaded state is checked against)."""
+        return type(self).counts_at(self.schedule, self.final_nnz, self._numel, step, self._groups)
+
     def drop_score(self, name: str) -> Tensor:
         """Score of every position for dropping (smaller drops first): |weight| as the engine
         keeps it for the optimizer (this rank's shard where masks are sharded)."""
@@ -297,7 +310,7 @@ class Sparsifier:
         self.ablatable: tuple[str, ...] = () if cfg.gamma_sal is None else tuple(
             l.name for l in self.layers[:-1] if self.group[l.name] != l.numel)
         #: the counts in force now: every update checks the masks hold exactly these
-        self.nnz: dict[str, int] = type(self).counts_at(self.schedule, self.final_nnz, self._numel, 0, self._groups)
+        self.nnz: dict[str, int] = self._initial_counts()
         skip = cfg.skip_step_on_update
         self.skip_step_on_update: bool = type(self).skips_step_on_update if skip is None else bool(skip)
         if engine is None:
@@ -635,7 +648,7 @@ class Sparsifier:
                 raise ValueError(
                     f"mask {layer.name!r}: expected bool {here}, got {m.dtype} {tuple(m.shape)}")
         step = int(state["step"])
-        want = type(self).counts_at(self.schedule, self.final_nnz, self._numel, step, self._groups)
+        want = self._counts_in_force(step)
         quotas: dict[str, int | Tensor] = {n: want[n] // self._groups[n] for n in want}
         live_rows: dict[str, int] = {}
         if self.ablatable:              # rows removed by neuron ablation hold nothing; the others share the count

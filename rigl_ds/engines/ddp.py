@@ -8,13 +8,14 @@ layer density; on steps whose dense gradient feeds a mask update it all-reduces 
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from rigl_ds import checkpoint as ckpt
 from rigl_ds import faults
 from rigl_ds.core.layers import MaskedLayer
 
@@ -25,10 +26,11 @@ from .local import LocalEngine, flat_in_memory_order, grad_scaler
 class PackedAllReduce:
     """State of the packed all-reduce communication hook; counts the bytes it all-reduces."""
 
-    def __init__(self, engine: "DDPEngine", process_group=None) -> None:
+    def __init__(self, engine: "DDPEngine", process_group=None, *, packed: bool = True) -> None:
         self.engine = engine
         self.group = process_group
         self.world = dist.get_world_size(process_group)
+        self.packed = packed       # False: the whole bucket always (a hook only to choose the group: P-GaP)
         self._index_cache: dict[tuple[int, ...], Tensor | None] = {}
         self._cache_version = -1
         self.bytes_this_step = 0
@@ -66,15 +68,16 @@ class PackedAllReduce:
     def __call__(self, bucket) -> torch.futures.Future[Tensor]:
         buf = bucket.buffer()
         self.dense_bytes_this_step += buf.numel() * buf.element_size()
-        idx = None if self.engine.dense_grad_wanted() else self._active_index(bucket)
+        group, world = self.engine.grad_group()
+        idx = None if not self.packed or self.engine.dense_grad_wanted() else self._active_index(bucket)
         if idx is None:
-            buf.div_(self.world)
+            buf.div_(world)
             self.bytes_this_step += buf.numel() * buf.element_size()
-            fut = dist.all_reduce(buf, group=self.group, async_op=True).get_future()
+            fut = dist.all_reduce(buf, group=group, async_op=True).get_future()
             return fut.then(lambda f: f.value()[0])
-        packed = buf.index_select(0, idx).div_(self.world)
+        packed = buf.index_select(0, idx).div_(world)
         self.bytes_this_step += packed.numel() * packed.element_size()
-        fut = dist.all_reduce(packed, group=self.group, async_op=True).get_future()
+        fut = dist.all_reduce(packed, group=group, async_op=True).get_future()
 
         def unpack(f) -> Tensor:
             buf.zero_()
@@ -108,9 +111,58 @@ class DDPEngine(LocalEngine):
         self.mask_version = 0
         self._mask_by_param: dict[int, Tensor] = {}
         self.comm: PackedAllReduce | None = None
+        self.copies: CopyGroups | None = None
+        self.apart = False          # P-GaP: do the copies train apart now (gradients and masks per copy)?
         if packed_allreduce:
             self.comm = PackedAllReduce(self, ddp_model.process_group)
             ddp_model.register_comm_hook(self.comm, packed_allreduce_hook)
+
+    # ------------------------------------------------------------------ P-GaP's copies
+    def split_copies(self, kappa: int) -> "CopyGroups":
+        """Split the world into ``kappa`` copies of the model (P-GaP): groups of consecutive ranks,
+        each data-parallel over its own copy while :meth:`set_copies_apart` is on."""
+        if self.copies is None:
+            self.copies = CopyGroups(kappa, self.ddp.process_group)
+            if self.comm is None:           # gradients must be all-reduced within a copy: a hook chooses the group
+                self.comm = PackedAllReduce(self, self.ddp.process_group, packed=False)
+                self.ddp.register_comm_hook(self.comm, packed_allreduce_hook)
+        elif self.copies.kappa != kappa:
+            raise ValueError(f"this engine's world is already split into {self.copies.kappa} copies, not {kappa}")
+        return self.copies
+
+    def set_copies_apart(self, apart: bool) -> None:
+        """On: gradients are averaged and masks agree within each copy; off: over the whole world."""
+        if apart and self.copies is None:
+            raise ValueError("set_copies_apart(True) before split_copies")
+        self.apart = apart
+
+    def grad_group(self):
+        """(process group, its size) over which gradients are averaged now."""
+        if self.apart:
+            return self.copies.group, self.copies.size
+        return self.ddp.process_group, dist.get_world_size(self.ddp.process_group)
+
+    def _mask_group(self):
+        return self.copies.group if self.apart else self.ddp.process_group
+
+    @torch.no_grad()
+    def merge_copies(self, owners: Mapping[str, int]) -> None:
+        """Give every rank the merged model: each parameter, with its optimizer state, from the copy
+        that owns it. A masked layer's owner is ``owners[name]``; every other parameter goes with the
+        last masked layer before it in ``named_parameters`` order (partition 0 before the first)."""
+        layer_of = {id(self._param(n)): n for n in owners}
+        by_copy: dict[int, list[Tensor]] = {c: [] for c in range(self.copies.kappa)}
+        current = owners[next(iter(owners))] if owners else 0
+        state = self.optimizer.state if self.optimizer is not None else {}
+        for p in self._params.values():
+            name = layer_of.get(id(p))
+            if name is not None:
+                current = owners[name]
+            by_copy[current].append(p.data)
+            by_copy[current].extend(v for v in state.get(p, {}).values() if torch.is_tensor(v))
+        for c, tensors in by_copy.items():
+            broadcast_tensors(tensors, src=self.copies.src(c), group=self.copies.peers)
+        self.mask_version += 1
 
     def bind(self, layers: Sequence[MaskedLayer], masks: Mapping[str, Tensor],
              dense_grad_wanted: Callable[[], bool] = lambda: True) -> None:
@@ -131,12 +183,77 @@ class DDPEngine(LocalEngine):
         faults.point("mask_update")
 
     def sync_masks(self, masks: Mapping[str, Tensor]) -> None:
+        group = self._mask_group()
         if self.mask_sync == "broadcast":
-            broadcast_masks(masks, src=0, group=self.ddp.process_group)
-        check_masks_equal(masks, group=self.ddp.process_group)
+            broadcast_masks(masks, src=dist.get_global_rank(group, 0) if self.apart else 0, group=group)
+        check_masks_equal(masks, group=group)
 
     def check_masks(self, masks: Mapping[str, Tensor]) -> None:
-        check_masks_equal(masks, group=self.ddp.process_group)
+        check_masks_equal(masks, group=self._mask_group())
+
+
+def broadcast_tensors(tensors: Sequence[Tensor], src: int, group) -> None:
+    """Overwrite ``tensors`` (in place) with global rank ``src``'s, one broadcast per dtype and device."""
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    by_kind: dict[tuple, list[Tensor]] = {}
+    for t in tensors:
+        by_kind.setdefault((t.dtype, t.device), []).append(t)
+    for ts in by_kind.values():
+        flat = _flatten_dense_tensors([t.view(torch.uint8) if t.dtype == torch.bool else t for t in ts])
+        dist.broadcast(flat, src=src, group=group)
+        for t, v in zip(ts, _unflatten_dense_tensors(flat, [t.view(torch.uint8) if t.dtype == torch.bool else t
+                                                            for t in ts])):
+            (t.view(torch.uint8) if t.dtype == torch.bool else t).copy_(v)
+
+
+class CopyGroups:
+    """P-GaP's split of the world into ``kappa`` copies: copy c is ranks ``[c*size, (c+1)*size)``;
+    the ranks at the same place in every copy (``local``) form a peer group, over which merges and
+    checkpoints move a copy's tensors. Every rank makes every group, in the same order (as
+    ``torch.distributed.new_group`` requires)."""
+
+    def __init__(self, kappa: int, process_group=None) -> None:
+        if process_group not in (None, dist.group.WORLD):
+            raise ValueError("gap_parallel splits the default (world) process group; this DDP model uses another one")
+        world, rank = dist.get_world_size(), dist.get_rank()
+        if isinstance(kappa, bool) or not isinstance(kappa, int) or kappa < 2 or world % kappa:
+            raise ValueError(f"gap_parallel: the world size {world} is not divisible by gap_partitions={kappa} (one "
+                             f"copy of the model per partition, each on the same number of ranks); launch a multiple "
+                             f"of {kappa} ranks or change gap_partitions")
+        self.kappa, self.size = kappa, world // kappa
+        self.index, self.local = divmod(rank, self.size)
+        groups = [dist.new_group(list(range(c * self.size, (c + 1) * self.size))) for c in range(kappa)]
+        peers = [dist.new_group([c * self.size + l for c in range(kappa)]) for l in range(self.size)]
+        #: this copy's ranks; the ranks at this rank's place in every copy
+        self.group, self.peers = groups[self.index], peers[self.local]
+
+    def src(self, copy: int) -> int:
+        """The global rank of ``copy`` in this rank's peer group."""
+        return copy * self.size + self.local
+
+    def masks_from_other_copies(self, masks: Mapping[str, Tensor], owners: Mapping[str, int]) -> dict[str, Tensor]:
+        """The shared sparse masks (copies of ``masks``): each layer from a copy that does not grow
+        it (copy 0's, or copy 1's for partition 0's layers); the same on every rank."""
+        out = {n: m.clone() for n, m in masks.items()}
+        for c in (0, 1):
+            broadcast_tensors([out[n] for n in out if (owners[n] == 0) == (c == 1)], src=self.src(c), group=self.peers)
+        return out
+
+    def gather_states(self, tree: Any) -> list[Any] | None:
+        """Copies 1..kappa-1's ``tree`` (nested dicts/lists of tensors and plain data, shaped alike on
+        every copy), on global rank 0; None elsewhere. Only the copies' first ranks take part."""
+        from torch.utils._pytree import tree_flatten, tree_unflatten
+
+        if self.local != 0:
+            return None
+        leaves, spec = tree_flatten(tree)
+        out = []
+        for c in range(1, self.kappa):
+            mine = [leaf.detach().clone() if torch.is_tensor(leaf) else leaf for leaf in leaves]
+            broadcast_tensors([t for t in mine if torch.is_tensor(t)], src=self.src(c), group=self.peers)
+            out.append(tree_unflatten([t.cpu() if torch.is_tensor(t) else t for t in mine], spec))
+        return out if self.index == 0 else None
 
 
 class DDPRuntime(DistributedRuntime):
@@ -159,7 +276,41 @@ class DDPRuntime(DistributedRuntime):
         self.packed_allreduce, self.mask_sync = packed_allreduce, mask_sync
 
     def sparse_engine(self):
-        return DDPEngine(self.ddp, self.optimizer, mask_sync=self.mask_sync, packed_allreduce=self.packed_allreduce)
+        self.engine = DDPEngine(self.ddp, self.optimizer, mask_sync=self.mask_sync,
+                                packed_allreduce=self.packed_allreduce)
+        return self.engine
+
+    def _copies(self) -> "CopyGroups | None":
+        engine = getattr(self, "engine", None)
+        return engine.copies if engine is not None and engine.apart else None
+
+    def save(self, state: dict[str, Any], ckpt_dir, step: int, keep_last: int):
+        """Rank 0 writes one file; while P-GaP's copies train apart it also holds copies 1..kappa-1's
+        model and optimizer state (``copies``), gathered from their first ranks (every rank calls this)."""
+        copies = self._copies()
+        if copies is not None:
+            others = copies.gather_states({"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()})
+            if self.rank == 0:
+                state = dict(state, copies=others)
+        return super().save(state, ckpt_dir, step, keep_last)
+
+    def load(self, path):
+        """As one process; a rank of P-GaP copy c > 0 then loads that copy's model and optimizer state."""
+        state = super().load(path)
+        engine = getattr(self, "engine", None)
+        saved = state.get("copies")
+        if saved is None and (state.get("sparsifier") or {}).get("copies_grow") and self.world > 1:
+            raise ckpt.CheckpointError(f"checkpoint {path} was saved while P-GaP's copies trained apart but holds "
+                                       "only copy 0's model (written by another tool?)")
+        if saved is not None and engine is not None and engine.copies is not None:
+            if len(saved) != engine.copies.kappa - 1:
+                raise ckpt.CheckpointError(f"checkpoint {path} holds {len(saved) + 1} P-GaP copies, this run has "
+                                           f"gap_partitions={engine.copies.kappa}")
+            if engine.copies.index > 0:
+                mine = saved[engine.copies.index - 1]
+                self.module.load_state_dict(mine["model"])
+                self.optimizer.load_state_dict(mine["optimizer"])
+        return state
 
     def no_sync(self, last: bool):
         return contextlib.nullcontext() if last else self.ddp.no_sync()

@@ -2,6 +2,8 @@
 (the leaving partition pruned by |w| to its targets, the next one grown dense at weight 0 with
 fresh optimizer state), fixed masks after the last prune, exact resume mid-phase, plan's timeline,
 and bad settings refused by name."""
+import pathlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -183,3 +185,49 @@ def test_a_global_prune_run_resumes_exactly_and_a_wrong_total_is_refused():
 def test_bad_gap_prune_settings_are_refused_by_name(kw, match):
     with pytest.raises(ValueError, match=match):
         build(**kw)
+
+
+# ---------------------------------------------------------------------------------------- P-GaP
+def test_parallel_schedule_merges_every_phase_and_counts_the_mean_copy():
+    """gap_parallel: one merge per round (t_end = rounds x T); while the copies grow, the counts the
+    plan and FLOPs use are the mean over kappa copies (each layer dense in one of them)."""
+    from rigl_ds.core import GaPParallel
+    from rigl_ds.core.gap import ParallelSchedule
+    from rigl_ds.core.sparsifier import SparsityConfig
+
+    sched = GaPParallel.make_schedule(SparsityConfig(method="gap_parallel", gap_partitions=2, gap_phase=5,
+                                                     gap_rounds=3), total_steps=40)
+    assert isinstance(sched, ParallelSchedule)
+    assert (sched.t_end, sched.num_updates, sched.update_steps()) == (15, 3, [5, 10, 15])
+    assert [t for t in range(41) if sched.is_update_step(t)] == [5, 10, 15]
+    assert sched.copies_grow(15) and not sched.copies_grow(16)
+    final, numel = {"a": 10, "b": 30}, {"a": 100, "b": 100}
+    assert GaPParallel.counts_at(sched, final, numel, 7, {}) == {"a": 55.0, "b": 65.0}
+    assert GaPParallel.counts_at(sched, final, numel, 16, {}) == final
+    with pytest.raises(ValueError, match=r"gap_parallel's last prune \(step 40 = gap_rounds 4 x gap_phase 10 steps\)"):
+        GaPParallel.make_schedule(SparsityConfig(method="gap_parallel", gap_phase=10, gap_rounds=4), total_steps=40)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(gap_prune="global"), "gap_prune: global is not allowed with gap_parallel"),
+    (dict(skip_step_on_update=False), "skip_step_on_update: false is not allowed with gap_parallel"),
+    (dict(), "gap_parallel needs an engine that splits the world into gap_partitions=2 copies"),
+])
+def test_gap_parallel_refuses_what_it_cannot_do(kw, match):
+    """One process (LocalEngine) cannot hold copies; global pruning is C-GaP's."""
+    from rigl_ds.core import GaPParallel
+
+    model = make()
+    with pytest.raises(ValueError, match=match):
+        GaPParallel(model, torch.optim.SGD(model.parameters(), lr=0.1), total_steps=40, gap_partitions=2,
+                    gap_phase=5, **kw)
+
+
+def test_gap_parallel_config_needs_the_ddp_engine():
+    from rigl_ds.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"engine.name='deepspeed': sparsity.method=gap_parallel .* only "
+                                          r"engine.name='ddp'"):
+        load_config(pathlib.Path(__file__).resolve().parents[2] / "configs" / "quickstart_ddp.yaml",
+                    ["sparsity.method=gap_parallel", "engine.name=deepspeed",
+                                                    "engine.deepspeed_config=ds_configs/zero2_fp32.json"])

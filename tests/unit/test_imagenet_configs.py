@@ -42,10 +42,48 @@ def gap_path(variant, s) -> pathlib.Path:
     return DIR / f"resnet50_gap_cyclic_{variant}_s{s}.yaml"
 
 
+# P-GaP rows (uniform only: the sources publish no non-uniform P-GaP): sparsity % -> published top-1
+PGAP_ROWS = {80: "77.492", 90: "76.128"}
+
+
+def pgap_path(s) -> pathlib.Path:
+    return DIR / f"resnet50_gap_parallel_uniform_s{s}.yaml"
+
+
 def test_exactly_the_twelve_rows_the_gap_rows_and_a_base():
     names = sorted(p.name for p in DIR.glob("*.yaml"))
     assert names == sorted(["_base.yaml"] + [path(d, s, e).name for d, s in ROWS for e in EPOCHS]
-                           + [gap_path(v, s).name for v, s in GAP_ROWS])
+                           + [gap_path(v, s).name for v, s in GAP_ROWS] + [pgap_path(s).name for s in PGAP_ROWS])
+
+
+@pytest.mark.parametrize("s", sorted(PGAP_ROWS))
+def test_pgap_rows_header_and_plan(s, monkeypatch):
+    """Each P-GaP YAML: the published top-1 and its DDP launch commands in the header; the RigL rows'
+    recipe with method gap_parallel on engine ddp; the plan (88 merges every 6250 steps, 4 copies
+    growing C-GaP's 4 partitions, fine-tuning from step 550,001) at 8 ranks, and at the smallest
+    world (4, the plan's default); 6 ranks refused naming both numbers."""
+    monkeypatch.delenv("RIGL_DS_DATA", raising=False)
+    text = pgap_path(s).read_text()
+    head = [l for l in text.splitlines() if l.startswith("#")]
+    assert f"published top-1 {PGAP_ROWS[s]}" in head[0], head[0]
+    cmds = [l for l in head if "launch/" in l or "rigl-ds " in l]
+    assert len(cmds) == 3 and all(f"configs/imagenet/{pgap_path(s).name}" in c for c in cmds)
+    assert not any("deepspeed" in c or "fsdp2" in c for c in cmds)
+    cfg, rigl, cyclic = load_config(pgap_path(s)), load_config(path("uniform", s, 1200)), load_config(gap_path("uniform", s))
+    assert cfg.optimizer == rigl.optimizer and cfg.lr_schedule == rigl.lr_schedule and cfg.train == rigl.train
+    sp = cfg.sparsity
+    assert (cfg.engine.name, sp.method, sp.sparsity, sp.distribution, sp.gap_partitions, sp.gap_phase, sp.gap_rounds) \
+        == ("ddp", "gap_parallel", s / 100, "uniform_nv", 4, 6250, 88)
+    plan, cplan = make_plan(cfg, world=8), make_plan(cyclic, world=8)
+    sch = plan["schedule"]
+    assert (sch["total_steps"], sch["delta"], sch["t_end"], sch["num_mask_updates"]) == (750_000, 6250, 550_000, 88)
+    phases = sch["dense_phases"]
+    assert [p["round"] for p in phases] == list(range(1, 89)) + [None] and phases[-1]["from_step"] == 550_001
+    assert phases[0]["copies"] == [p["layers"] for p in cplan["schedule"]["dense_phases"][:4]]
+    assert plan["global_density"] == cplan["global_density"]
+    assert make_plan(cfg)["schedule"]["world_size"] == 4
+    with pytest.raises(ConfigError, match="world size 6 is not divisible by 4"):
+        make_plan(cfg, world=6)
 
 
 @pytest.mark.parametrize("variant,s", sorted(GAP_ROWS))

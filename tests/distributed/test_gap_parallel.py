@@ -1,0 +1,205 @@
+"""P-GaP (``gap_parallel``) on 2 gloo ranks = 2 copies of one rank each, against a one-process
+reference written out here: two plain copies trained apart on their ranks' halves of each batch,
+merged by hand (each parameter and its momentum from the copy that owns it), pruned per layer by
+|w|, regrown, then fine-tuned together on the whole batch."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rigl_ds.core import get_method
+from rigl_ds.core.gap import partition_layers
+from tests.distributed.harness import run_ranks
+from tests.helpers import batch, make_nobn
+
+pytestmark = pytest.mark.distributed
+
+STEPS, T, ROUNDS, KAPPA = 24, 4, 2, 2          # merges at steps 4 and 8; fine-tuning from step 9
+LR = dict(lr=0.05, momentum=0.9, weight_decay=1e-4)
+
+
+def pgap(model, opt, engine=None, **kw):
+    return get_method("gap_parallel")(model, opt, total_steps=STEPS, sparsity=0.8, gap_partitions=KAPPA,
+                                      gap_phase=T, gap_rounds=ROUNDS, engine=engine, **kw)
+
+
+def worker(rank, world, packed):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from rigl_ds.engines.ddp import DDPEngine
+
+    model = make_nobn(seed=rank)            # DDP broadcasts rank 0's weights
+    ddp = DDP(model)
+    opt = torch.optim.SGD(ddp.parameters(), **LR)
+    engine = DDPEngine(ddp, opt, packed_allreduce=packed)
+    sp = pgap(model, opt, engine)
+    assert (sp.copy, sp.copies.size) == (rank, 1)
+    masks = [{n: m.clone() for n, m in sp.masks.items()}]
+    counts = [dict(sp.nnz)]
+    for t in range(STEPS):
+        x, y = batch(t, dtype=torch.float64)
+        half = x.shape[0] // world
+        opt.zero_grad()
+        F.cross_entropy(ddp(x[rank * half:(rank + 1) * half]), y[rank * half:(rank + 1) * half]).backward()
+        if sp.step():
+            opt.step()
+        if sp.last_update and sp.last_update["step"] == t:
+            masks.append({n: m.clone() for n, m in sp.masks.items()})
+            counts.append(dict(sp.nnz))
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return masks, counts, weights, sp.last_update
+
+
+def top_by_magnitude(w, k):
+    """The ``k`` largest |w| (ties: the lower flat index), as a mask."""
+    order = torch.sort(w.abs().reshape(-1), descending=True, stable=True).indices[:k]
+    mask = torch.zeros(w.numel(), dtype=torch.bool)
+    mask[order] = True
+    return mask.view(w.shape)
+
+
+def reference():
+    """Masks after init and each merge per copy, and the final weights, computed without gap.py."""
+    model = make_nobn(seed=0)
+    base = get_method("static")(copy.deepcopy(model), None, total_steps=STEPS, sparsity=0.8)   # the same draw
+    final = dict(base.nnz)
+    numel = {n: m.numel() for n, m in base.masks.items()}
+    parts = partition_layers(numel, KAPPA)
+    owner = {n: i for i, p in enumerate(parts) for n in p}
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in base.masks:
+                p.mul_(base.masks[n])
+    copies = []
+    for c in range(KAPPA):
+        m = copy.deepcopy(model)
+        masks = {n: (torch.ones_like(v) if owner[n] == c else v.clone()) for n, v in base.masks.items()}
+        copies.append((m, torch.optim.SGD(m.parameters(), **LR), masks))
+    seen = [[{n: v.clone() for n, v in cm.items()} for *_, cm in copies]]
+
+    def train(m, opt, masks, x, y, step):
+        opt.zero_grad()
+        F.cross_entropy(m(x), y).backward()
+        for n, p in m.named_parameters():
+            if n in masks:
+                p.grad.mul_(masks[n])
+        if step:
+            opt.step()
+
+    t_end = T * ROUNDS
+    for t in range(t_end + 1):
+        x, y = batch(t, dtype=torch.float64)
+        merge = t > 0 and t % T == 0
+        for c, (m, opt, masks) in enumerate(copies):
+            train(m, opt, masks, x[c * 8:(c + 1) * 8], y[c * 8:(c + 1) * 8], step=not merge)
+        if not merge:
+            continue
+        merged = copy.deepcopy(copies[0][0])
+        mopt = torch.optim.SGD(merged.parameters(), **LR)
+        mopt.load_state_dict(copy.deepcopy(copies[0][1].state_dict()))
+        current = 0
+        with torch.no_grad():
+            for (n, p), *srcs in zip(merged.named_parameters(), *[c[0].named_parameters() for c in copies]):
+                if n in owner:
+                    current = owner[n]
+                src = srcs[current][1]
+                p.copy_(src)
+                mopt.state[p]["momentum_buffer"] = copies[current][1].state[src]["momentum_buffer"].clone()
+            pruned = {}
+            for n, p in merged.named_parameters():
+                if n in owner:
+                    pruned[n] = top_by_magnitude(p, final[n])
+                    p.mul_(pruned[n])
+                    mopt.state[p]["momentum_buffer"].mul_(pruned[n])
+        copies = []
+        for c in range(KAPPA if t < t_end else 1):
+            m = copy.deepcopy(merged)
+            opt = torch.optim.SGD(m.parameters(), **LR)
+            opt.load_state_dict(copy.deepcopy(mopt.state_dict()))   # no momentum shared between copies
+            grow = t < t_end
+            masks = {n: (torch.ones_like(v) if grow and owner[n] == c else v.clone()) for n, v in pruned.items()}
+            copies.append((m, opt, masks))
+        seen.append([{n: v.clone() for n, v in cm.items()} for *_, cm in copies])
+    m, opt, masks = copies[0]
+    for t in range(t_end + 1, STEPS):
+        x, y = batch(t, dtype=torch.float64)
+        train(m, opt, masks, x, y, step=True)
+    return seen, {n: p.detach().clone() for n, p in m.named_parameters()}, final, numel, owner
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed-allreduce", "plain-allreduce"])
+def test_two_copies_equal_the_reference(packed):
+    ref_masks, ref_w, final, numel, owner = reference()
+    results = run_ranks(worker, packed, world=2)
+    for rank, (masks, counts, weights, last) in enumerate(results):
+        assert len(masks) == len(ref_masks) == ROUNDS + 1
+        for i, (got, want) in enumerate(zip(masks, ref_masks)):
+            want = want[rank if len(want) > 1 else 0]
+            for n in want:
+                assert torch.equal(got[n], want[n]), (rank, i, n)
+        # the counts in force: the own partition dense while the copies grow, the targets after
+        for i, c in enumerate(counts):
+            grow = i < ROUNDS
+            assert c == {n: numel[n] if grow and owner[n] == rank else final[n] for n in final}, (rank, i)
+        for n, w in ref_w.items():
+            torch.testing.assert_close(weights[n], w, rtol=1e-9, atol=1e-12)
+        assert last["merged"] and last["dense_partition"] == -1 and last["due_step"] == T * ROUNDS
+    for n in ref_w:                 # fine-tuned together: one model on every rank, bit for bit
+        assert torch.equal(results[0][2][n], results[1][2][n]), n
+
+
+def test_world_not_divisible_by_the_copies_is_refused():
+    """The library refuses on every rank, naming both numbers; the config names its source too."""
+    from rigl_ds.config import ConfigError, for_world, load_config
+    from tests.distributed.test_launchers import ROOT
+
+    cfg = load_config(ROOT / "configs" / "quickstart_ddp.yaml", ["sparsity.method=gap_parallel",
+                                                                  "sparsity.gap_partitions=3"])
+    with pytest.raises(ConfigError, match=r"sparsity.gap_partitions=3: .*world size 2 is not divisible by 3"):
+        for_world(cfg, 2)
+    assert for_world(cfg, 6) is not None
+    errors = run_ranks(refused_worker, world=2)
+    assert all("world size 2 is not divisible by gap_partitions=3" in e for e in errors), errors
+
+
+def refused_worker(rank, world):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from rigl_ds.engines.ddp import DDPEngine
+
+    model = make_nobn(seed=0)
+    ddp = DDP(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    with pytest.raises(ValueError) as e:
+        get_method("gap_parallel")(model, opt, total_steps=STEPS, gap_partitions=3, gap_phase=T,
+                                   engine=DDPEngine(ddp, opt))
+    return str(e.value)
+
+
+@pytest.mark.slow
+def test_torchrun_killed_mid_phase_resumes_exactly_across_the_merges(tmp_path):
+    """``rigl-ds train`` under torchrun, 2 copies of one rank: rank 1 is killed at step 25 (its copy
+    apart since the merge at step 15); resume=auto from the step-20 checkpoint, which holds copy 1's
+    model and optimizer state, crosses the last merge (step 30) and ends, at step 40, bit-identical to
+    an uninterrupted run (checkpoint and TensorBoard)."""
+    from rigl_ds import checkpoint as ckpt
+    from tests.compare import assert_same_run
+    from tests.distributed.test_launchers import ROOT, launch
+
+    cfg = str(ROOT / "configs" / "quickstart_ddp.yaml")
+    args = ["train.epochs=2", "sparsity.method=gap_parallel", "sparsity.gap_partitions=2", "sparsity.gap_phase=15",
+            "sparsity.gap_rounds=2", "logging.log_every=5", "logging.progress=false", "checkpoint.every_steps=10",
+            "checkpoint.keep_last=3", "train.max_steps=40"]
+    straight, d = tmp_path / "straight", tmp_path / "run"
+    launch("torchrun.sh", cfg, *args, f"logging.run_dir={straight}")
+    p = launch("torchrun.sh", cfg, *args, f"logging.run_dir={d}", check=False,
+               env={"RIGL_DS_FAULT": "step:25", "RIGL_DS_FAULT_RANK": "1"})
+    assert p.returncode != 0 and "SIGKILL" in p.stdout + p.stderr, (p.stdout + p.stderr)[-3000:]
+    saved = ckpt.load(d / "checkpoints" / "step_00000020.pt")
+    assert saved["sparsifier"]["copies_grow"] and len(saved["copies"]) == 1
+    other = saved["copies"][0]["model"]
+    assert any(not torch.equal(other[k], saved["model"][k]) for k in other)      # the copies differ mid-phase
+    launch("torchrun.sh", cfg, *args, f"logging.run_dir={d}", "resume=auto")
+    final = assert_same_run(straight, d, 40)
+    assert "copies" not in final and not final["sparsifier"]["copies_grow"]      # merged: one model
