@@ -1,4 +1,4 @@
-"""C-GaP: cyclic scheduled grow-and-prune (Ma et al., "Effective Model Sparsification by Scheduled
+"""GaP, scheduled grow-and-prune. C-GaP: cyclic (Ma et al., "Effective Model Sparsification by Scheduled
 Grow-and-Prune Methods", ICLR 2022), method ``gap_cyclic``.
 
 The masked layers, in model order, are cut into ``gap_partitions`` (kappa) runs of consecutive
@@ -24,7 +24,9 @@ Choices where the paper and its code leave room, each a knob of ``sparsity`` (RE
 * ``gap_prune: layer`` prunes each layer to the distribution's count (the paper's "uniform";
   ``erk`` works the same way); ``gap_prune: global`` (the paper's "non-uniform") keeps the leaving
   partition's planned total with one |w| threshold over all its layers, so its layers' counts
-  follow their weights (the model's total stays exact); P-GaP is not built yet.
+  follow their weights (the model's total stays exact).
+
+P-GaP (parallel), method ``gap_parallel``, is :class:`GaPParallel` below.
 """
 from __future__ import annotations
 

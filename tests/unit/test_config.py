@@ -40,7 +40,7 @@ def test_broken_yaml_reports_every_error_with_file_and_key(tmp_path):
         "model.name": "allowed: small_cnn, mlp, resnet18, resnet50",
         "sparsity.sparsity": "less than 1",
         "sparsity.delta": "greater than or equal to 1",
-        "sparsity.method": "'static', 'set', 'rigl', 'gmp', 'gap_cyclic' or 'dense'",
+        "sparsity.method": "'static', 'set', 'rigl', 'gmp', 'gap_cyclic', 'gap_parallel' or 'dense'",
         "sparsity.distributon": "unknown key (did you mean 'distribution'?); allowed keys here: method, sparsity, distribution",
         "optimizer.lr": "greater than 0",
         "trian": "unknown key",
