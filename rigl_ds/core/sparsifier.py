@@ -184,6 +184,12 @@ def plan_layers(layers: Sequence[MaskedLayer], config: SparsityConfig) -> dict[s
                                                       power_scale=config.erk_power_scale)
     out: dict[str, LayerPlan] = {}
     for l in layers:
+        if l.transposed and structure.name != "unstructured" and densities[l.name] < 1.0:
+            from .structures import StructureError
+            raise StructureError(
+                f"structure {config.structure!r} groups weights along a layer's input dimension, and {l.name!r} "
+                f"is stored (in, out) (Hugging Face Conv1D): structures on such layers are not built yet; use "
+                f"structure: unstructured, or exclude the layer (exclude: ['{l.module_name}'])")
         nnz = structure.count(l.name, l.shape, nnz_for(l.numel, densities[l.name]))
         group = l.numel if nnz == l.numel else structure.group_size(l.name, l.shape)
         out[l.name] = LayerPlan(l.numel, densities[l.name], nnz, group)

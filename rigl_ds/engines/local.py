@@ -44,6 +44,17 @@ def zero_at(t: Tensor, flat_idx: Tensor) -> None:
         t.index_put_(torch.unravel_index(flat_idx, t.shape), torch.zeros((), dtype=t.dtype, device=t.device))
 
 
+def unwrap_optimizer(optimizer):
+    """The ``torch.optim.Optimizer`` inside a wrapper that holds one as ``.optimizer`` without being
+    a complete one itself (Hugging Face Accelerate's ``AcceleratedOptimizer``: its ``step`` calls the
+    inner one's, whose state and step hooks are the real ones); anything else unchanged."""
+    inner = getattr(optimizer, "optimizer", None)
+    while isinstance(inner, torch.optim.Optimizer) and inner is not optimizer and \
+            not hasattr(optimizer, "_optimizer_step_post_hooks"):
+        optimizer, inner = inner, getattr(inner, "optimizer", None)
+    return optimizer
+
+
 class LocalEngine(WholeMasks):
     """Adapter for a model trained by a plain ``torch.optim`` optimizer in this process."""
 
@@ -65,7 +76,7 @@ class LocalEngine(WholeMasks):
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
         self.model = model
-        self.optimizer = optimizer
+        self.optimizer = unwrap_optimizer(optimizer)
         self._params: dict[str, nn.Parameter] = dict(model.named_parameters(remove_duplicate=True))
         self._pairs: list[tuple[nn.Parameter, Tensor]] = []
         self._zeros: dict[tuple[torch.dtype, torch.device], Tensor] = {}

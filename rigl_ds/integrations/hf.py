@@ -1,0 +1,113 @@
+"""RigL (any rigl_ds method) inside the Hugging Face ``Trainer``, as a ``TrainerCallback``::
+
+    from rigl_ds.integrations.hf import RigLCallback
+    trainer = Trainer(model, args, train_dataset=ds, callbacks=[RigLCallback(sparsity=0.9)])
+    trainer.train()                       # or trainer.train(resume_from_checkpoint=True)
+
+The callback builds the sparsifier when training begins (on the Trainer's model and optimizer,
+``total_steps`` = the Trainer's ``max_steps``), and before each optimizer step calls its ``step()``:
+gradients are masked; on a mask-update step every gradient is set to None, so the optimizer step
+changes nothing (torch optimizers skip a parameter without a gradient: no moment, weight decay or
+step count moves), as rigl_ds skips that step elsewhere; the LR schedule runs on. Each checkpoint
+folder gets ``rigl_ds_sparsifier.pt`` (masks, step, RNG; tensors and plain data), read back when
+the Trainer resumes from that folder, so a resumed run continues the same masks.
+
+Under several processes (torchrun, ``accelerate launch``: DDP) masks are broadcast from rank 0 and
+checked equal on every update. Differences from ``rigl-ds train``: the Trainer clips gradients
+(``max_grad_norm``) before the callback runs, by the norm of the dense gradient. Not built yet:
+the Trainer's DeepSpeed and FSDP settings, and fp16 (its GradScaler refuses a step without
+gradients); they are refused at the start of training with that message. Use bf16 or fp32.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Mapping
+
+import torch
+from transformers import TrainerCallback
+
+from rigl_ds import checkpoint as ckpt
+from rigl_ds.core import SparsityConfig, build_sparsifier
+from rigl_ds.engines.local import LocalEngine
+
+logger = logging.getLogger(__name__)
+
+#: the file each checkpoint folder gets
+STATE_FILE = "rigl_ds_sparsifier.pt"
+
+
+class _ProcessGroupEngine(LocalEngine):
+    """LocalEngine for a model whose gradients a wrapper (DDP) already averaged over the default
+    process group: masks are broadcast from rank 0 and checked equal there."""
+
+    def _dist(self):
+        import torch.distributed as dist
+
+        return dist if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 else None
+
+    def sync_masks(self, masks: Mapping[str, torch.Tensor]) -> None:
+        if self._dist() is not None:
+            from rigl_ds.engines.dist_utils import broadcast_masks, check_masks_equal
+
+            broadcast_masks(masks, src=0)
+            check_masks_equal(masks)
+
+    def check_masks(self, masks: Mapping[str, torch.Tensor]) -> None:
+        if self._dist() is not None:
+            from rigl_ds.engines.dist_utils import check_masks_equal
+
+            check_masks_equal(masks)
+
+
+class RigLCallback(TrainerCallback):
+    """Sparse training in the Hugging Face Trainer. Keyword arguments are the knobs of
+    :class:`rigl_ds.SparsityConfig` (``method``, ``sparsity``, ``distribution``, ``delta``,
+    ``include``/``exclude``, ...); default method ``rigl``. After training begins,
+    :attr:`sparsifier` is the sparsifier (masks, :meth:`measure`)."""
+
+    def __init__(self, config: SparsityConfig | None = None, **knobs: Any) -> None:
+        base = config if config is not None else SparsityConfig(method=knobs.pop("method", "rigl"))
+        import dataclasses
+
+        self.config = dataclasses.replace(base, **knobs)
+        self.sparsifier = None
+        self._model = None
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
+            raise ValueError("RigLCallback: the Trainer's DeepSpeed and FSDP settings are not supported yet (use "
+                             "torchrun/accelerate DDP, or rigl-ds train with engine.name=deepspeed or fsdp2)")
+        if getattr(args, "fp16", False):
+            raise ValueError("RigLCallback: fp16 is not supported (its GradScaler refuses the skipped optimizer "
+                             "step of a mask update); use bf16=True or fp32")
+        if model is None or optimizer is None:
+            raise ValueError("RigLCallback needs the Trainer's model and optimizer at on_train_begin")
+        self._model = model
+        self.sparsifier = build_sparsifier(model, optimizer, self.config, total_steps=int(state.max_steps),
+                                           engine=_ProcessGroupEngine(model, optimizer))
+        if state.global_step > 0:           # a resumed run: the checkpoint folder the Trainer read
+            path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", STATE_FILE)
+            if not os.path.isfile(path):
+                raise ckpt.CheckpointError(f"RigLCallback: resuming at step {state.global_step}, but {path} does not "
+                                           "exist (was the checkpoint written without RigLCallback?)")
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            self.sparsifier.load_state_dict(saved)
+            logger.info("RigLCallback: masks of step %d loaded from %s", state.global_step, path)
+        return control
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if not self.sparsifier.step():      # a mask update: this optimizer step must change nothing
+            for p in self._model.parameters():
+                p.grad = None
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.sparsifier is None:
+            return control
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        sd = self.sparsifier.state_dict()
+        if state.is_world_process_zero:
+            os.makedirs(folder, exist_ok=True)
+            torch.save(sd, os.path.join(folder, STATE_FILE))
+        return control

@@ -1,0 +1,100 @@
+"""Which weights of a transformer are sparse: nn.MultiheadAttention's fused and separate Q/K/V
+projections, Hugging Face's transposed Conv1D, MLPs; LM heads and embeddings dense unless asked,
+a tied weight masked once; RigL keeping masked attention weights at exactly zero."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rigl_ds import RigL
+from rigl_ds.core.layers import select_layers
+from rigl_ds.core.structures import StructureError
+
+
+class Conv1D(nn.Module):
+    """The layout of Hugging Face's GPT-2 ``Conv1D`` (weight (in, out), y = x @ W + b), without
+    importing transformers: rigl_ds recognises it by name and layout."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.02)
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], self.nf)
+
+
+class TinyLM(nn.Module):
+    """Embedding, one encoder layer (fused-QKV attention), a Conv1D MLP, an untied head it names."""
+
+    def __init__(self, vocab: int = 40, d: int = 16) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.block = nn.TransformerEncoderLayer(d, 2, dim_feedforward=32, batch_first=True, dropout=0.0)
+        self.sep = nn.MultiheadAttention(d, 2, kdim=8, vdim=8, batch_first=True)     # separate q/k/v weights
+        self.c_fc = Conv1D(4 * d, d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def forward(self, tokens):
+        h = self.block(self.emb(tokens))
+        kv = h[..., :8]
+        h = h + self.sep(h, kv, kv, need_weights=False)[0]
+        h = h + self.c_fc(h)[..., :h.shape[-1]]
+        return self.lm_head(h)
+
+
+def test_attention_projections_and_conv1d_are_masked_the_head_and_embedding_are_not():
+    layers = {l.name: l for l in select_layers(TinyLM())}
+    assert list(layers) == [
+        "block.self_attn.in_proj_weight", "block.self_attn.out_proj.weight", "block.linear1.weight",
+        "block.linear2.weight", "sep.q_proj_weight", "sep.k_proj_weight", "sep.v_proj_weight", "sep.out_proj.weight",
+        "c_fc.weight"]
+    assert layers["block.self_attn.in_proj_weight"].shape == (48, 16)         # fused Q, K, V: (3d, d), (out, in)
+    assert layers["sep.k_proj_weight"].shape == (16, 8)
+    assert layers["c_fc.weight"].transposed and layers["c_fc.weight"].shape == (16, 64)
+    assert not any(l.transposed for n, l in layers.items() if n != "c_fc.weight")
+    # asked for: the head (by module name), one projection left out (by parameter name)
+    names = [l.name for l in select_layers(TinyLM(), include=["lm_head"], exclude=["*.v_proj_weight"])]
+    assert "lm_head.weight" in names and "sep.v_proj_weight" not in names and "emb.weight" not in names
+    only_qkv = [l.name for l in select_layers(TinyLM(), include=["*in_proj_weight"], exclude=["block.linear*", "c_fc",
+                                                                                               "*out_proj", "sep"])]
+    assert only_qkv == ["block.self_attn.in_proj_weight"]
+
+
+def test_a_tied_head_is_dense_by_default_and_masked_once_when_asked():
+    model = TinyLM()
+    model.lm_head.weight = model.emb.weight
+    assert not any(l.name in ("emb.weight", "lm_head.weight") for l in select_layers(model))
+    tied = [l.name for l in select_layers(model, include=["emb", "lm_head"]) if l.name in ("emb.weight",
+                                                                                          "lm_head.weight")]
+    assert tied == ["emb.weight"]
+
+
+def test_rigl_keeps_masked_attention_and_conv1d_weights_at_zero_with_exact_counts():
+    torch.manual_seed(0)
+    model = TinyLM()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sp = RigL(model, opt, total_steps=20, sparsity=0.75, delta=5, distribution="erk")
+    params = dict(model.named_parameters())
+    for t in range(20):
+        x = torch.randint(0, 40, (4, 12), generator=torch.Generator().manual_seed(t))
+        opt.zero_grad()
+        logits = model(x[:, :-1])
+        F.cross_entropy(logits.reshape(-1, 40), x[:, 1:].reshape(-1)).backward()
+        if sp.step():
+            opt.step()
+        for n, m in sp.masks.items():
+            assert int(m.sum()) == sp.nnz[n], (t, n)
+            assert torch.count_nonzero(params[n].detach()[~m]) == 0, (t, n)
+    assert sp.last_update["step"] == 10 and sp.last_update["churn"] > 0
+    assert sp.nnz["block.self_attn.in_proj_weight"] < 48 * 16
+
+
+def test_a_structure_on_a_transposed_conv1d_is_refused_by_name():
+    with pytest.raises(StructureError, match=r"'c_fc.weight' is stored \(in, out\) \(Hugging Face Conv1D\)"):
+        RigL(TinyLM(), None, total_steps=20, sparsity=0.75, structure="fan_in")
+    RigL(TinyLM(), None, total_steps=20, sparsity=0.75, structure="fan_in", exclude=["c_fc"])
