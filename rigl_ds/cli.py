@@ -59,7 +59,11 @@ def cmd_train(args) -> int:
         ev = result["eval"]
         tb = pathlib.Path(result["run_dir"]) / "tb"
         print(f"\nfinished {result['steps']} steps in {result['seconds']:.1f} s")
-        print(f"test accuracy: top-1 {ev['top1']:.4f}, top-5 {ev['top5']:.4f} on {ev['count']} examples")
+        if cfg.data.name == "text":
+            print(f"validation: loss {ev['loss']:.4f}, perplexity {ev['perplexity']:.3f} per byte, next-byte top-1 "
+                  f"{ev['top1']:.4f}, top-5 {ev['top5']:.4f} on {ev['count']} bytes")
+        else:
+            print(f"test accuracy: top-1 {ev['top1']:.4f}, top-5 {ev['top5']:.4f} on {ev['count']} examples")
         print(f"achieved density: {result['global_density']:.6f} of the masked weights active "
               f"(sparsity {1 - result['global_density']:.6f}), {result['nonzero_density']:.6f} nonzero; "
               f"training FLOPs {result['train_flops_ratio']:.3f}x dense")

@@ -24,7 +24,7 @@ from rigl_ds.core import DENSE, Sparsifier, get_method, get_structure
 from rigl_ds.core.sparsifier import SparsityConfig as CoreSparsityConfig
 from rigl_ds.engines import engine_names
 
-MODELS = ("small_cnn", "mlp", "resnet18", "resnet50")
+MODELS = ("small_cnn", "mlp", "resnet18", "resnet50", "gpt")
 
 
 class ConfigError(ValueError):
@@ -57,11 +57,11 @@ class ModelSection(_Strict):
 
 
 class DataSection(_Strict):
-    name: Literal["digits", "synthetic", "imagefolder"] = "digits"
+    name: Literal["digits", "synthetic", "imagefolder", "text"] = "digits"
     # how an image folder is read: torchvision (PIL, DataLoader workers), dali-gpu (nvJPEG + GPU
     # augmentation), dali-cpu (DALI on CPU threads), synthetic (random images, no files read)
     backend: Literal["torchvision", "dali-gpu", "dali-cpu", "synthetic"] = "torchvision"
-    path: Optional[str] = None            # image folder root: train/<class>/* and val/<class>/*
+    path: Optional[str] = None            # image folder root (train/<class>/*, val/<class>/*); text: a corpus file
     batch_size: int = Field(64, ge=1)     # per-rank micro-batch
     eval_batch_size: int = Field(256, ge=1)
     num_workers: int = Field(0, ge=0)     # DataLoader workers; DALI: CPU threads (0: 4)
@@ -70,13 +70,15 @@ class DataSection(_Strict):
     train_size: Optional[int] = Field(None, ge=1)      # synthetic: examples per epoch (default 1,281,167)
     val_size: Optional[int] = Field(None, ge=1)
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0)   # digits: held-out test split
+    seq_len: int = Field(128, ge=2)                     # text: tokens (bytes) per training sequence
+    corpus_bytes: int = Field(1_000_000, ge=10_000)     # text: bytes of the Python standard library's sources
 
     @field_validator("backend")
     @classmethod
     def _backend(cls, v: str, info: ValidationInfo) -> str:
         name = info.data.get("name")
-        if name == "digits" and v != "torchvision":
-            raise ValueError(f"{v!r} does not apply to name='digits' (in memory); allowed: torchvision")
+        if name in ("digits", "text") and v != "torchvision":
+            raise ValueError(f"{v!r} does not apply to name={name!r} (in memory); allowed: torchvision")
         if name == "synthetic" and v.startswith("dali"):
             raise ValueError(f"{v!r} reads an image folder (name='imagefolder'); allowed for name='synthetic': "
                              "torchvision, synthetic")
@@ -407,6 +409,12 @@ def semantic_problems(cfg: ExperimentConfig, source: str) -> list[str]:
     if cfg.engine.name == "fsdp2" and cfg.precision.dtype == "fp16":
         out.append(f"{source}: precision.dtype: 'fp16' is not supported with engine.name='fsdp2' (its loss "
                    "scaler is not shard-aware here); use 'bf16' or 'fp32'")
+    if (cfg.data.name == "text") != (cfg.model.name == "gpt") and ":" not in cfg.model.name:
+        out.append(f"{cfg.where('model.name')}: model.name={cfg.model.name!r} with data.name={cfg.data.name!r}: the "
+                   "language model 'gpt' trains on data.name='text' (token ids), the image models on images")
+    if cfg.data.name == "text" and cfg.train.mixup:
+        out.append(f"{cfg.where('train.mixup')}: train.mixup={cfg.train.mixup}: mixup mixes images; a language model "
+                   "cannot mix token ids (set 0)")
     if cfg.sparsity.method == "gap_parallel" and cfg.engine.name != "ddp":
         out.append(f"{cfg.where('engine.name')}: engine.name={cfg.engine.name!r}: sparsity.method=gap_parallel splits the "
                    "world into copies of the model, which only engine.name='ddp' (torchrun) does here; use 'ddp', or "

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 
 from rigl_ds.config import ConfigError, ExperimentConfig
 from rigl_ds.core import (DENSE, forward_flops, get_method, plan_layers, select_layers, timeline_flops_ratio,
@@ -35,7 +34,7 @@ def make_plan(cfg: ExperimentConfig, world: int | None = None) -> dict[str, Any]
                      "group": group})
     total = sum(r["numel"] for r in rows)
     exact = {r["name"]: r["density"] for r in rows}
-    f = forward_flops(exp.model, torch.empty((1, *exp.info.input_shape), device="meta"), exact)
+    f = forward_flops(exp.model, exp.info.sample("meta"), exact)
     dynamic = method is not None and method.updates
     timeline = []                       # (step, global density, sparse forward FLOPs) where the counts change
     final = {r["name"]: r["nnz"] for r in rows}
@@ -71,6 +70,8 @@ def make_plan(cfg: ExperimentConfig, world: int | None = None) -> dict[str, Any]
             "dense_forward": f.dense,
             "sparse_forward": f.sparse,
             "inference_ratio": f.inference_ratio,
+            # products no weight holds (attention scores and their weighted sum): dense, in both counts
+            "attention_forward": sum(d for n, (d, _) in f.per_layer.items() if n.endswith(".attention")),
             "train_ratio": train_ratio,
         },
         "schedule": {
@@ -106,7 +107,9 @@ def format_plan(plan: dict[str, Any]) -> str:
     lines += [
         f"global density {plan['global_density']:.6f}",
         f"forward FLOPs/example: dense {f['dense_forward']:.4g}, sparse {f['sparse_forward']:.4g} "
-        f"(inference {f['inference_ratio']:.3f}x, training {f['train_ratio']:.3f}x of dense)",
+        f"(inference {f['inference_ratio']:.3f}x, training {f['train_ratio']:.3f}x of dense)"
+        + (f"; of these, attention scores and their weighted sum (no weight, dense): {f['attention_forward']:.4g}"
+           if f["attention_forward"] else ""),
         f"schedule: {s['total_steps']} steps ({s['steps_per_epoch']}/epoch x {s['epochs']} epochs, "
         f"global batch {s['global_batch']} = {s['world_size']} ranks x {s['grad_accumulation']} micro-batches "
         f"x {s['global_batch'] // (s['world_size'] * s['grad_accumulation'])}), delta {s['delta']}, t_end {s['t_end']}, "

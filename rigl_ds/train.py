@@ -81,8 +81,17 @@ def lr_factor(cfg: ExperimentConfig, step: int, total_steps: int, steps_per_epoc
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def flat(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A language model's (B, T, vocab) logits and (B, T) targets as (B*T, vocab) and (B*T,): every
+    token is one prediction; image logits (B, classes) unchanged."""
+    if logits.dim() > 2:
+        return logits.reshape(-1, logits.shape[-1]), target.reshape(-1)
+    return logits, target
+
+
 def accuracy(logits: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[torch.Tensor]:
     """Number of correct top-k predictions for each k (as tensors: no host sync)."""
+    logits, target = flat(logits, target)
     kmax = min(max(ks), logits.shape[1])
     top = logits.topk(kmax, dim=1).indices
     hit = top.eq(target[:, None])
@@ -105,7 +114,7 @@ def evaluate(model: nn.Module, batches: Iterable, device: torch.device, autocast
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast():
             out = model(x)
-        loss += F.cross_entropy(out.float(), y, reduction="sum")
+        loss += F.cross_entropy(*flat(out.float(), y), reduction="sum")
         a1, a5 = accuracy(out, y)
         c1 += a1
         c5 += a5
@@ -114,7 +123,7 @@ def evaluate(model: nn.Module, batches: Iterable, device: torch.device, autocast
     totals = reduce(torch.stack([c1, c5, loss, torch.tensor(float(n), device=device)]).double())
     c1, c5, loss, n = totals.tolist()
     n = max(int(n), 1)
-    return {"top1": c1 / n, "top5": c5 / n, "loss": loss / n, "count": n}
+    return {"top1": c1 / n, "top5": c5 / n, "loss": loss / n, "perplexity": math.exp(min(loss / n, 700.0)), "count": n}
 
 
 def resolve_run_dir(cfg: ExperimentConfig) -> pathlib.Path:
@@ -270,12 +279,12 @@ class Trainer:
         try:
             with torch.device("meta"):
                 model = build_model(self.cfg.model, self.exp.info.num_classes, self.exp.info.input_shape)
-            f = forward_flops(model, torch.zeros((1, *self.exp.info.input_shape), device="meta"), dens)
+            f = forward_flops(model, self.exp.info.sample("meta"), dens)
         except Exception as e:  # a user model whose builder or forward needs real tensors: count on the CPU
             logger.debug("FLOPs on the meta device failed (%s); counting on a CPU copy", e)
             with torch.random.fork_rng(devices=[]):          # the copy's init draws nothing from the run's RNG
                 model = build_model(self.cfg.model, self.exp.info.num_classes, self.exp.info.input_shape)
-                f = forward_flops(model, torch.zeros((1, *self.exp.info.input_shape)), dens)
+                f = forward_flops(model, self.exp.info.sample(), dens)
         self._forward_flops = f
         return {"dense": f.dense, "sparse": f.sparse}
 
@@ -400,7 +409,7 @@ class Trainer:
             return loss, out
         with self.autocast():
             out = self.rt.forward_model(x)
-        return self.criterion(out.float(), y), out
+        return self.criterion(*flat(out.float(), y)), out
 
     def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Forward/backward over the micro-batches, sparsifier, optimizer step, LR step."""
@@ -634,13 +643,15 @@ class Trainer:
 
     def _eval(self, writer) -> dict[str, float]:
         self.rt.sync_buffers()
-        batches = self.rt.eval_batches(self.data.val_batches(), self.exp.info.input_shape)
+        batches = self.rt.eval_batches(self.data.val_batches(), self.exp.info.input_shape, self.exp.info.input_dtype)
         res = evaluate(self.model, batches, self.device, self.autocast, self.cfg.model.channels_last,
                        reduce=self.rt.all_reduce_sum)
         if writer is not None:
             writer.add_scalar("eval/top1", res["top1"], self.step)
             writer.add_scalar("eval/top5", res["top5"], self.step)
             writer.add_scalar("eval/loss", res["loss"], self.step)
+            if self.exp.info.input_dtype == torch.long:         # a language model: per-token perplexity
+                writer.add_scalar("eval/perplexity", res["perplexity"], self.step)
         logger.info("step %d: eval top-1 %.4f, top-5 %.4f", self.step, res["top1"], res["top5"])
         return res
 

@@ -3,7 +3,10 @@
 Only the products of ``nn.Conv*d`` and ``nn.Linear`` layers are counted (a multiply-add is 2
 FLOPs); BatchNorm, pooling, activations, biases and additions are left out of both the dense and
 the sparse count. A masked layer with density d costs d times its dense products; an unmasked
-conv/linear layer is counted dense in both.
+conv/linear layer is counted dense in both. A module with an ``attention_macs(x)`` method (the
+built-in GPT's attention) adds the products of attention that no weight holds (Q K^T and the
+weighted sum of V, which grow with the sequence length), dense in both counts, as the per-layer
+entry ``<module>.attention``.
 """
 from __future__ import annotations
 
@@ -66,9 +69,18 @@ def forward_flops(
         prev = records.get(name, (0.0, 0.0))
         records[name] = (prev[0] + dense, prev[1] + sparse)  # a module called twice counts twice
 
+    def attention_hook(module: nn.Module, inputs, _out) -> None:
+        # products of no weight (attention scores, their weighted sum): dense in both counts
+        name = f"{names[id(module)]}.attention"
+        dense = 2.0 * module.attention_macs(inputs[0])
+        prev = records.get(name, (0.0, 0.0))
+        records[name] = (prev[0] + dense, prev[1] + dense)
+
     for module in model.modules():
         if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
             handles.append(module.register_forward_hook(hook))
+        if callable(getattr(module, "attention_macs", None)):
+            handles.append(module.register_forward_hook(attention_hook))
     was_training = model.training
     model.eval()
     try:

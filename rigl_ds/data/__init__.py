@@ -46,11 +46,16 @@ class DataError(ValueError):
 class DataInfo:
     """What the schedule and the model need to know, without loading any data."""
 
-    num_classes: int
-    input_shape: tuple[int, int, int]
+    num_classes: int                  # classes, or the vocabulary of a language model
+    input_shape: tuple[int, ...]      # one example: (C, H, W), or (seq_len,) token ids
     train_size: int
     val_size: int
     note: str = ""
+    input_dtype: torch.dtype = torch.float32
+
+    def sample(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """A batch of one example of zeros (for a FLOPs count; ``device="meta"`` allocates nothing)."""
+        return torch.zeros((1, *self.input_shape), dtype=self.input_dtype, device=device)
 
 
 class EpochBatchSampler(Sampler[list[int]]):
@@ -294,6 +299,11 @@ def describe_data(cfg: DataSection) -> DataInfo:
     """Classes, input shape and sizes without building loaders (ImageNet's counts when the
     image folder is absent, so that ``plan`` works without the data)."""
     source = source_of(cfg)
+    if source == "text":
+        from .text import VOCAB, describe
+
+        n_train, n_val, note = describe(cfg.corpus_bytes, cfg.seq_len, cfg.path)
+        return DataInfo(VOCAB, (cfg.seq_len,), n_train, n_val, note=note, input_dtype=torch.long)
     if source == "digits":
         n = 1797
         val = math.ceil(n * cfg.val_fraction)
@@ -321,6 +331,16 @@ def build_data(cfg: DataSection, *, seed: int, rank: int = 0, world: int = 1,
         info = describe_data(cfg)
         assert len(train_set) == info.train_size and len(val_set) == info.val_size
         data: Data = LoaderData(info=info, train_set=train_set, val_set=val_set, num_workers=cfg.num_workers, **common)
+    elif source == "text":
+        from .text import splits
+
+        try:
+            train_set, val_set = splits(cfg.corpus_bytes, cfg.seq_len, cfg.path)
+        except (ValueError, OSError) as e:
+            raise DataError(str(e)) from None
+        info = describe_data(cfg)
+        assert len(train_set) == info.train_size and len(val_set) == info.val_size
+        data = LoaderData(info=info, train_set=train_set, val_set=val_set, num_workers=cfg.num_workers, **common)
     elif source == "synthetic":
         info = describe_data(cfg)
         train_set = SyntheticImages(info.train_size, info.num_classes, cfg.image_size, seed=0)
@@ -340,7 +360,7 @@ def build_data(cfg: DataSection, *, seed: int, rank: int = 0, world: int = 1,
         info = DataInfo(len(train_set.classes), (3, cfg.image_size, cfg.image_size), len(train_set), len(val_set))
         data = LoaderData(info=info, train_set=train_set, val_set=val_set, num_workers=cfg.num_workers, **common)
     else:
-        raise DataError(f"data.name={cfg.name!r}: allowed: digits, synthetic, imagefolder")
+        raise DataError(f"data.name={cfg.name!r}: allowed: digits, synthetic, imagefolder, text")
     if data.batches_per_epoch() == 0:
         raise DataError(
             f"data.batch_size={cfg.batch_size}: larger than the {info.train_size // world} training examples "

@@ -307,7 +307,7 @@ class FSDP2Runtime(DistributedRuntime):
         self.dist.all_reduce(bad, op=self.dist.ReduceOp.MAX)
         return not bool(bad)
 
-    def eval_batches(self, batches, input_shape: tuple[int, ...]):
+    def eval_batches(self, batches, input_shape: tuple[int, ...], input_dtype: torch.dtype = torch.float32):
         """Forwards are collectives under FSDP2: a rank out of batches runs empty ones until all are."""
         it = iter(batches)
         while True:
@@ -317,7 +317,9 @@ class FSDP2Runtime(DistributedRuntime):
             if not bool(more):
                 self.reshard()
                 return
-            yield batch if batch is not None else (torch.zeros((0, *input_shape)), torch.zeros(0, dtype=torch.long))
+            yield batch if batch is not None else (torch.zeros((0, *input_shape), dtype=input_dtype),
+                                                   torch.zeros((0, *input_shape[:1]) if input_dtype == torch.long
+                                                               else 0, dtype=torch.long))
 
     def list_checkpoints(self, ckpt_dir: pathlib.Path) -> list[pathlib.Path]:
         return ckpt.list_folders(ckpt_dir)         # DCP folders with a "complete" manifest, like DeepSpeed's

@@ -311,7 +311,7 @@ class LocalRuntime:
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
-    def eval_batches(self, batches, input_shape: tuple[int, ...]):
+    def eval_batches(self, batches, input_shape: tuple[int, ...], input_dtype: torch.dtype = torch.float32):
         """The validation batches this rank evaluates (FSDP2: padded so every rank runs as many forwards)."""
         return batches
 

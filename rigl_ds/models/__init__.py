@@ -56,10 +56,18 @@ def _user_builder(spec: str) -> Any:
     return fn
 
 
-def build_model(cfg: ModelSection, num_classes: int, input_shape: tuple[int, int, int]) -> nn.Module:
-    """Build the model named by ``cfg.name`` for ``num_classes`` and inputs of ``input_shape`` (C, H, W)."""
-    c, h, w = input_shape
+def build_model(cfg: ModelSection, num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
+    """Build the model named by ``cfg.name`` for ``num_classes`` (a language model: the vocabulary)
+    and inputs of ``input_shape`` ((C, H, W) images, or (seq_len,) token ids for ``gpt``)."""
     kwargs = dict(cfg.kwargs)
+    if cfg.name == "gpt":
+        from .gpt import GPT
+
+        try:
+            return GPT(vocab=num_classes, context=input_shape[0], **kwargs)
+        except TypeError as e:
+            raise ValueError(f"model.kwargs for gpt: {e} (allowed: n_layer, n_head, d_model, dropout)") from None
+    c, h, w = input_shape
     if cfg.name == "small_cnn":
         model: nn.Module = SmallCNN(num_classes=num_classes, in_channels=c, **kwargs)
     elif cfg.name == "mlp":
