@@ -210,12 +210,28 @@ def _sha256_file(path: pathlib.Path) -> str:
     return h.hexdigest()
 
 
-def write_manifest(folder: pathlib.Path) -> None:
-    """Mark a checkpoint folder complete: a JSON manifest of every file's size and SHA-256."""
+def folder_files(folder: pathlib.Path) -> list[str]:
+    """The files of a checkpoint folder (relative names), the manifest left out."""
+    return [str(p.relative_to(folder)) for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST]
+
+
+def hash_files(folder: pathlib.Path, names: list[str]) -> dict[str, dict[str, Any]]:
+    """Size and SHA-256 of each named file of ``folder`` (one read of each)."""
+    return {n: {"size": (folder / n).stat().st_size, "sha256": _sha256_file(folder / n)} for n in names}
+
+
+def write_manifest(folder: pathlib.Path, files: dict[str, dict[str, Any]] | None = None) -> None:
+    """Mark a checkpoint folder complete: a JSON manifest of every file's size and SHA-256, hashed
+    here, or ``files`` as hashed by the ranks that wrote them (which must name every file)."""
     import json
 
-    files = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256_file(p)}
-             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    if files is None:
+        files = hash_files(folder, folder_files(folder))
+    else:
+        missing = sorted(set(folder_files(folder)) - set(files))
+        if missing:
+            raise CheckpointError(f"checkpoint {folder}: no rank hashed {missing}")
+        files = dict(sorted(files.items()))
     faults.point("checkpoint_write")
     _write_atomic(folder / MANIFEST, json.dumps({"files": files}, indent=1).encode())
     _fsync_dir(folder)
@@ -229,19 +245,22 @@ def list_folders(ckpt_dir: pathlib.Path) -> list[pathlib.Path]:
                   key=lambda p: p.name)
 
 
-def rotate_folders(ckpt_dir: pathlib.Path, keep_last: int, newest: pathlib.Path) -> None:
-    """After ``newest`` got its manifest: verify it, then delete all but the newest ``keep_last``
-    complete folders (never ``newest``). If ``newest`` does not verify, nothing is deleted."""
+def rotate_folders(ckpt_dir: pathlib.Path, keep_last: int, newest: pathlib.Path, *, verify: bool = True) -> None:
+    """After ``newest`` got its manifest: verify it (unless the caller just did), then delete all but
+    the newest ``keep_last`` complete folders (never ``newest``). If ``newest`` does not verify,
+    nothing is deleted."""
     import shutil
 
-    verify_folder(newest)
+    if verify:
+        verify_folder(newest)
     for old in list_folders(ckpt_dir)[:-keep_last]:
         if old.name != newest.name:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def verify_folder(folder: pathlib.Path) -> None:
-    """Raise :class:`CheckpointError` naming the file unless every file of the manifest is intact."""
+def verify_folder(folder: pathlib.Path, which=None) -> None:
+    """Raise :class:`CheckpointError` naming the file unless every file of the manifest (or those for
+    which ``which(name)`` is true) is intact."""
     import json
 
     try:
@@ -252,6 +271,8 @@ def verify_folder(folder: pathlib.Path) -> None:
     except (ValueError, KeyError, OSError) as e:
         raise CheckpointError(f"checkpoint {folder}: unreadable manifest {MANIFEST} ({e})") from None
     for rel, want in files.items():
+        if which is not None and not which(rel):
+            continue
         p = folder / rel
         if not p.is_file():
             raise CheckpointError(f"checkpoint {folder}: {rel} is missing")

@@ -322,7 +322,7 @@ class DeepSpeedRuntime(DistributedRuntime):
         self.barrier()
         if self.rank == 0:
             ckpt.write_manifest(ckpt_dir / tag)
-            ckpt.rotate_folders(ckpt_dir, keep_last, ckpt_dir / tag)
+            ckpt.rotate_folders(ckpt_dir, keep_last, ckpt_dir / tag, verify=False)      # hashed just now
         self.barrier()
         return ckpt_dir / tag
 

@@ -24,6 +24,7 @@ import contextlib
 import logging
 import math
 import pathlib
+import re
 import shutil
 from typing import Any, Callable, Mapping, Sequence
 
@@ -61,6 +62,13 @@ def placed_like(param: Tensor, t: Tensor):
 
 class ShardLayoutError(ValueError):
     """A parameter is not sharded the way this engine supports (dim 0 over a 1-D mesh)."""
+
+
+def writer_of(name: str) -> int:
+    """The rank that wrote a file of an FSDP2 checkpoint folder: DCP names rank r's data files
+    ``__r_<n>.distcp``; the metadata, ``rigl_ds.pt`` and its checksum are rank 0's."""
+    m = re.match(r"__(\d+)_\d+\.distcp$", pathlib.PurePath(name).name)
+    return int(m.group(1)) if m else 0
 
 
 def row_slice(d0: int, world: int, rank: int) -> tuple[int, int]:
@@ -371,24 +379,43 @@ class FSDP2Runtime(DistributedRuntime):
             rest = dict(state, model="dcp", sparsifier=None if sp is None else dict(sp, masks=None, score=None))
             ckpt.save_atomic(rest, tmp / "rigl_ds.pt")
         self.barrier()
+        # each rank hashes the files it wrote (read back once: what reached the filesystem); rank 0
+        # writes the manifest from all of them, so no file is read twice and none by every rank
+        mine = ckpt.hash_files(tmp, [n for n in ckpt.folder_files(tmp) if writer_of(n) == self.rank])
+        hashed: list = [None] * self.world
+        self.dist.all_gather_object(hashed, mine)
         if self.rank == 0:
-            ckpt.write_manifest(tmp)
-            ckpt.verify_folder(tmp)
+            ckpt.write_manifest(tmp, {k: v for part in hashed for k, v in part.items()})
             old = ckpt_dir / f".{tag.name}.old"
             if tag.exists():
                 tag.rename(old)
             tmp.rename(tag)
             shutil.rmtree(old, ignore_errors=True)
-            ckpt.rotate_folders(ckpt_dir, keep_last, tag)
+            ckpt.rotate_folders(ckpt_dir, keep_last, tag, verify=False)      # hashed just now
         self.barrier()
         return tag
+
+    def verify(self, path: pathlib.Path) -> None:
+        """Every file of the manifest checked once, by the rank of this world that the file's writer
+        maps to (``writer % world``: at the same world size, the file this rank's shards come from);
+        a failure anywhere raises the same CheckpointError on every rank (one all-gather)."""
+        try:
+            ckpt.verify_folder(path, which=lambda name: writer_of(name) % self.world == self.rank)
+            problem = ""
+        except ckpt.CheckpointError as e:
+            problem = str(e)
+        found: list = [None] * self.world
+        self.dist.all_gather_object(found, problem)
+        bad = [f for f in found if f]
+        if bad:
+            raise ckpt.CheckpointError(bad[0])
 
     def load(self, path: pathlib.Path) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
         if not path.is_dir():
             raise ckpt.CheckpointError(f"checkpoint {path} does not exist (FSDP2 checkpoints are DCP folders)")
-        ckpt.verify_folder(path)
+        self.verify(path)
         state = ckpt.load(path / "rigl_ds.pt")
         sp = state.get("sparsifier")
         template = dict(state)

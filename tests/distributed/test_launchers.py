@@ -247,3 +247,25 @@ def test_deepspeed_bf16_json_as_shipped_trains_a_batchnorm_model(tmp_path):
     assert {model[n].dtype for n in masks} == {torch.bfloat16}
     for name, m in masks.items():
         assert torch.count_nonzero(model[name][~m]) == 0, name
+
+
+def test_fsdp2_checkpoint_each_rank_hashes_its_own_file_and_a_corrupt_one_is_refused_everywhere(tmp_path):
+    """The manifest of a 2-rank FSDP2 checkpoint lists every file with the hash its writer took; a
+    byte flipped in rank 1's shard is found by rank 1 on load, every rank refuses that checkpoint with
+    the same message naming the file, and resume=auto falls back to the older one and finishes."""
+    run = tmp_path / "run"
+    args = [*SHORT, "checkpoint.every_steps=10", "checkpoint.keep_last=2"]
+    launch("fsdp2.sh", FSDP2_CFG, *args, f"logging.run_dir={run}", "train.max_steps=20")
+    step20 = run / "checkpoints" / "step_00000020"
+    listed = json.loads((step20 / "complete").read_text())["files"]
+    assert sorted(listed) == sorted(p.name for p in step20.iterdir() if p.name != "complete")
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "rigl_ds.pt"} <= set(listed)
+    shard = step20 / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    out = launch("fsdp2.sh", FSDP2_CFG, *args, f"logging.run_dir={run}", "train.max_steps=30", "resume=auto")
+    text = out.stdout + out.stderr
+    assert "__1_0.distcp is corrupted" in text and "trying an older one" in text, text[-3000:]
+    assert "resumed from" in text and "step_00000010 at step 10" in text, text[-3000:]
+    assert json.loads((run / "result.json").read_text())["steps"] == 30
