@@ -120,19 +120,30 @@ def partition_layers(numel: Mapping[str, int], kappa: int) -> list[tuple[str, ..
     return [tuple(names[a:b]) for a, b in zip(cuts, cuts[1:])]
 
 
+class _GaP(Sparsifier):
+    """What C-GaP and P-GaP share: a phase schedule of their own, no gradient read, the optimizer
+    step of a mask change skipped, and growth of every inactive position of a growing layer."""
+
+    updates = True
+    needs_dense_grad = False
+    skips_step_on_update = True
+    schedule_type: type[GaPSchedule] = GaPSchedule
+
+    @classmethod
+    def make_schedule(cls, config: SparsityConfig, total_steps: int) -> GaPSchedule:
+        return cls.schedule_type.from_config(config, total_steps)
+
+    def grow_score(self, name: str, grads: Mapping[str, Tensor] | None) -> Tensor:
+        """Every inactive position of a growing layer becomes active: the score only orders ties."""
+        return torch.zeros_like(self.masks[name], dtype=torch.float32)
+
+
 @register_method
-class GaPCyclic(Sparsifier):
+class GaPCyclic(_GaP):
     """C-GaP: one partition of layers dense at a time, cycled every ``gap_phase`` steps for
     ``gap_rounds`` rounds, each pruned back to its target by |w| when its phase ends."""
 
     method = "gap_cyclic"
-    updates = True
-    needs_dense_grad = False
-    skips_step_on_update = True
-
-    @classmethod
-    def make_schedule(cls, config: SparsityConfig, total_steps: int) -> GaPSchedule:
-        return GaPSchedule.from_config(config, total_steps)
 
     @classmethod
     def counts_at(cls, schedule: GaPSchedule, final: Mapping[str, int], numel: Mapping[str, int], step: int,
@@ -229,10 +240,6 @@ class GaPCyclic(Sparsifier):
             out.update({n: held[n] for n in free})
         return out
 
-    def grow_score(self, name: str, grads: Mapping[str, Tensor] | None) -> Tensor:
-        """Every inactive position of a growing layer becomes active: the score only orders ties."""
-        return torch.zeros_like(self.masks[name], dtype=torch.float32)
-
     def _update(self, t: int, due_at: int, grads: Mapping[str, Tensor] | None) -> None:
         super()._update(t, due_at, grads)
         dense = self.schedule.dense_partition(due_at + 1)
@@ -261,7 +268,7 @@ class ParallelSchedule(GaPSchedule):
 
 
 @register_method
-class GaPParallel(Sparsifier):
+class GaPParallel(_GaP):
     """P-GaP: ``gap_partitions`` (kappa) copies of the model train apart, copy i with partition i
     dense; every ``gap_phase`` steps, for ``gap_rounds`` rounds, the copies merge (partition i and
     what lies with it taken from copy i), the merged model is pruned to its targets by |w| per layer,
@@ -284,13 +291,7 @@ class GaPParallel(Sparsifier):
     """
 
     method = "gap_parallel"
-    updates = True
-    needs_dense_grad = False
-    skips_step_on_update = True
-
-    @classmethod
-    def make_schedule(cls, config: SparsityConfig, total_steps: int) -> ParallelSchedule:
-        return ParallelSchedule.from_config(config, total_steps)
+    schedule_type = ParallelSchedule
 
     @classmethod
     def counts_at(cls, schedule: ParallelSchedule, final: Mapping[str, int], numel: Mapping[str, int], step: int,
@@ -349,10 +350,6 @@ class GaPParallel(Sparsifier):
         before = sum(self.nnz.values())
         moved = sum(kd + kg for kd, kg in self._stage.values())
         return dict(self._stage), (moved / before if before else 0.0)
-
-    def grow_score(self, name: str, grads: Mapping[str, Tensor] | None) -> Tensor:
-        """Every inactive position of a growing layer becomes active: the score only orders ties."""
-        return torch.zeros_like(self.masks[name], dtype=torch.float32)
 
     # ------------------------------------------------------------------ the merge
     def _set_apart(self, apart: bool) -> None:
