@@ -415,6 +415,10 @@ def semantic_problems(cfg: ExperimentConfig, source: str) -> list[str]:
     if cfg.data.name == "text" and cfg.train.mixup:
         out.append(f"{cfg.where('train.mixup')}: train.mixup={cfg.train.mixup}: mixup mixes images; a language model "
                    "cannot mix token ids (set 0)")
+    if cfg.sparsity.method == "gap_parallel" and cfg.precision.dtype == "fp16":
+        out.append(f"{cfg.where('precision.dtype')}: precision.dtype='fp16' is not supported with sparsity.method="
+                   "gap_parallel (each copy's loss scaler moves on its own, and the merged model would be stepped "
+                   "with different scales on different ranks); use 'bf16' or 'fp32'")
     if cfg.sparsity.method == "gap_parallel" and cfg.engine.name != "ddp":
         out.append(f"{cfg.where('engine.name')}: engine.name={cfg.engine.name!r}: sparsity.method=gap_parallel splits the "
                    "world into copies of the model, which only engine.name='ddp' (torchrun) does here; use 'ddp', or "

@@ -1,6 +1,7 @@
 """FLOPs accounting as the RigL paper counts it (SPEC §7).
 
-Only the products of ``nn.Conv*d`` and ``nn.Linear`` layers are counted (a multiply-add is 2
+Only the products of ``nn.Conv*d``, ``nn.Linear``, Hugging Face ``Conv1D`` layers and
+``nn.MultiheadAttention``'s projections are counted (a multiply-add is 2
 FLOPs); BatchNorm, pooling, activations, biases and additions are left out of both the dense and
 the sparse count. A masked layer with density d costs d times its dense products; an unmasked
 conv/linear layer is counted dense in both. A module with an ``attention_macs(x)`` method (the
@@ -16,6 +17,8 @@ from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from .layers import is_hf_conv1d
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,27 @@ def _macs_per_example(module: nn.Module, out: Tensor) -> float:
         return out.numel() / batch * per_out
     if isinstance(module, nn.Linear):
         return out.numel() / batch * module.in_features
+    if is_hf_conv1d(module):            # Hugging Face's Conv1D: weight (in, out)
+        return out.numel() / batch * module.weight.shape[0]
     raise TypeError(type(module))
+
+
+def _mha_macs(module: nn.MultiheadAttention, inputs) -> dict[str, float]:
+    """Multiply-adds per example of ``nn.MultiheadAttention`` (its projections are not module
+    calls): Q/K/V projections per weight, the output projection, and the attention products."""
+    q, k = inputs[0], inputs[1]
+    if q.dim() == 2:                                    # unbatched (L, E)
+        lq, lk = q.shape[0], k.shape[0]
+    else:
+        lq, lk = (q.shape[1], k.shape[1]) if module.batch_first else (q.shape[0], k.shape[0])
+    e = module.embed_dim
+    proj = {"q": lq * e * e, "k": lk * module.kdim * e, "v": lk * module.vdim * e}
+    out = {"out_proj.weight": lq * e * e, "attention": 2.0 * lq * lk * e}
+    if module.in_proj_weight is not None:
+        out["in_proj_weight"] = float(sum(proj.values()))
+    else:
+        out.update({f"{w}_proj_weight": float(m) for w, m in proj.items()})
+    return out
 
 
 def forward_flops(
@@ -76,13 +99,30 @@ def forward_flops(
         prev = records.get(name, (0.0, 0.0))
         records[name] = (prev[0] + dense, prev[1] + dense)
 
+    def mha_hook(module: nn.MultiheadAttention, inputs, _out) -> None:
+        base = names[id(module)]
+        for part, macs in _mha_macs(module, inputs).items():
+            name = f"{base}.{part}" if base else part
+            dense = 2.0 * macs
+            sparse = dense if part == "attention" else dense * densities.get(name, 1.0)
+            prev = records.get(name, (0.0, 0.0))
+            records[name] = (prev[0] + dense, prev[1] + sparse)
+
     for module in model.modules():
-        if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+        if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) or is_hf_conv1d(module):
             handles.append(module.register_forward_hook(hook))
         if callable(getattr(module, "attention_macs", None)):
             handles.append(module.register_forward_hook(attention_hook))
+        if isinstance(module, nn.MultiheadAttention):
+            handles.append(module.register_forward_hook(mha_hook))
     was_training = model.training
     model.eval()
+    # the fused inference kernels of nn.TransformerEncoderLayer / MultiheadAttention skip the module
+    # calls the hooks count: off while counting
+    mha = getattr(torch.backends, "mha", None)
+    fastpath = mha.get_fastpath_enabled() if mha is not None else None
+    if mha is not None:
+        mha.set_fastpath_enabled(False)
     try:
         with torch.no_grad():
             model(sample_input)
@@ -90,6 +130,8 @@ def forward_flops(
         for h in handles:
             h.remove()
         model.train(was_training)
+        if mha is not None:
+            mha.set_fastpath_enabled(fastpath)
     unknown = set(densities) - set(records)
     if unknown:
         raise ValueError(f"densities name layers that the forward pass never used: {sorted(unknown)}")

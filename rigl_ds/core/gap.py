@@ -343,6 +343,11 @@ class GaPParallel(_GaP):
     def _counts_in_force(self, step: int) -> dict[str, int]:
         return self._own_counts(step)
 
+    def layer_densities(self) -> dict[str, float]:
+        """The mean over the copies (what the world computes: training FLOPs are counted with it)."""
+        counts = type(self).counts_at(self.schedule, self.final_nnz, self._numel, self._step, self._groups)
+        return {n: counts[n] / self._numel[n] for n in counts}
+
     def _grow_counts(self) -> dict[str, tuple[int, int]]:
         return {n: (0, self._numel[n] - self.nnz[n]) for n in self.partitions[self.copy] if self.nnz[n] < self._numel[n]}
 

@@ -57,6 +57,8 @@ def _by_type(module: nn.Module) -> tuple[str, ...]:
 def output_embeddings(model: nn.Module) -> nn.Module | None:
     """The LM head, where the model says which it is (Hugging Face's ``get_output_embeddings``)."""
     get = getattr(model, "get_output_embeddings", None)
+    if not callable(get) and isinstance(getattr(model, "module", None), nn.Module):
+        get = getattr(model.module, "get_output_embeddings", None)      # a wrapper (DDP): the model inside
     if not callable(get):
         return None
     try:

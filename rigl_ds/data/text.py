@@ -54,6 +54,11 @@ def describe(limit: int, seq_len: int, path: str | None = None) -> tuple[int, in
     """(training windows, validation windows, note) without reading the files."""
     n_val = int(limit * VAL_FRACTION)
     n_train = limit - n_val
+    if (n_val - 1) // seq_len < 1:
+        from . import DataError
+
+        raise DataError(f"data.corpus_bytes={limit} leaves {n_val} bytes of validation text, less than one window of "
+                        f"data.seq_len={seq_len} (+1); raise data.corpus_bytes or lower data.seq_len")
     what = f"{path}" if path else f"the Python {platform.python_version()} standard library's .py sources"
     note = f"text: {what}, first {limit} bytes, byte-level (vocabulary 256), windows of {seq_len}"
     return (n_train - 1) // seq_len, (n_val - 1) // seq_len, note

@@ -199,9 +199,17 @@ def broadcast_tensors(tensors: Sequence[Tensor], src: int, group) -> None:
     by_kind: dict[tuple, list[Tensor]] = {}
     for t in tensors:
         by_kind.setdefault((t.dtype, t.device), []).append(t)
-    for ts in by_kind.values():
+    # NCCL moves GPU tensors only: CPU ones (Adam's step counts, CPU masks) travel through the GPU
+    staging = torch.device("cuda", torch.cuda.current_device()) \
+        if dist.get_backend(group) == "nccl" and torch.cuda.is_available() else None
+    for (_, device), ts in by_kind.items():
         flat = _flatten_dense_tensors([t.view(torch.uint8) if t.dtype == torch.bool else t for t in ts])
-        dist.broadcast(flat, src=src, group=group)
+        if staging is not None and device.type == "cpu":
+            moved = flat.to(staging)
+            dist.broadcast(moved, src=src, group=group)
+            flat = moved.cpu()
+        else:
+            dist.broadcast(flat, src=src, group=group)
         for t, v in zip(ts, _unflatten_dense_tensors(flat, [t.view(torch.uint8) if t.dtype == torch.bool else t
                                                             for t in ts])):
             (t.view(torch.uint8) if t.dtype == torch.bool else t).copy_(v)
@@ -252,7 +260,8 @@ class CopyGroups:
         for c in range(1, self.kappa):
             mine = [leaf.detach().clone() if torch.is_tensor(leaf) else leaf for leaf in leaves]
             broadcast_tensors([t for t in mine if torch.is_tensor(t)], src=self.src(c), group=self.peers)
-            out.append(tree_unflatten([t.cpu() if torch.is_tensor(t) else t for t in mine], spec))
+            if self.index == 0:             # the other copies' first ranks only pass their own on
+                out.append(tree_unflatten([t.cpu() if torch.is_tensor(t) else t for t in mine], spec))
         return out if self.index == 0 else None
 
 

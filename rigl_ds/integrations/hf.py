@@ -10,7 +10,8 @@ gradients are masked; on a mask-update step every gradient is set to None, so th
 changes nothing (torch optimizers skip a parameter without a gradient: no moment, weight decay or
 step count moves), as rigl_ds skips that step elsewhere; the LR schedule runs on. Each checkpoint
 folder gets ``rigl_ds_sparsifier.pt`` (masks, step, RNG; tensors and plain data), read back when
-the Trainer resumes from that folder, so a resumed run continues the same masks.
+the Trainer resumes from ``output_dir/checkpoint-<step>`` (another folder: ``resume_from=``), so a
+resumed run continues the same masks with the weights and optimizer state the Trainer loaded.
 
 Under several processes (torchrun, ``accelerate launch``: DDP) masks are broadcast from rank 0 and
 checked equal on every update. Differences from ``rigl-ds train``: the Trainer clips gradients
@@ -20,6 +21,7 @@ gradients); they are refused at the start of training with that message. Use bf1
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from typing import Any, Mapping
@@ -29,7 +31,7 @@ from transformers import TrainerCallback
 
 from rigl_ds import checkpoint as ckpt
 from rigl_ds.core import SparsityConfig, build_sparsifier
-from rigl_ds.engines.local import LocalEngine
+from rigl_ds.engines.local import LocalEngine, unwrap_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -66,11 +68,13 @@ class RigLCallback(TrainerCallback):
     ``include``/``exclude``, ...); default method ``rigl``. After training begins,
     :attr:`sparsifier` is the sparsifier (masks, :meth:`measure`)."""
 
-    def __init__(self, config: SparsityConfig | None = None, **knobs: Any) -> None:
+    def __init__(self, config: SparsityConfig | None = None, *, resume_from: str | None = None, **knobs: Any) -> None:
         base = config if config is not None else SparsityConfig(method=knobs.pop("method", "rigl"))
         import dataclasses
 
         self.config = dataclasses.replace(base, **knobs)
+        #: the checkpoint folder the Trainer resumes from, where it is not ``output_dir/checkpoint-<step>``
+        self.resume_from = resume_from
         self.sparsifier = None
         self._model = None
 
@@ -84,15 +88,28 @@ class RigLCallback(TrainerCallback):
         if model is None or optimizer is None:
             raise ValueError("RigLCallback needs the Trainer's model and optimizer at on_train_begin")
         self._model = model
-        self.sparsifier = build_sparsifier(model, optimizer, self.config, total_steps=int(state.max_steps),
-                                           engine=_ProcessGroupEngine(model, optimizer))
-        if state.global_step > 0:           # a resumed run: the checkpoint folder the Trainer read
-            path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", STATE_FILE)
+        resuming = state.global_step > 0        # the Trainer has loaded a checkpoint's weights and optimizer
+        if resuming:
+            folder = self.resume_from or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            path = os.path.join(folder, STATE_FILE)
             if not os.path.isfile(path):
                 raise ckpt.CheckpointError(f"RigLCallback: resuming at step {state.global_step}, but {path} does not "
-                                           "exist (was the checkpoint written without RigLCallback?)")
+                                           "exist (written without RigLCallback? resuming from another folder: "
+                                           "RigLCallback(resume_from=that folder))")
             saved = torch.load(path, map_location="cpu", weights_only=True)
-            self.sparsifier.load_state_dict(saved)
+            if int(saved.get("step", -1)) != state.global_step:
+                raise ckpt.CheckpointError(f"RigLCallback: {path} is of step {saved.get('step')}, the Trainer resumes at "
+                                           f"step {state.global_step} (a file of another run?)")
+            # building the sparsifier draws and applies the initial masks: keep what the Trainer loaded
+            inner = unwrap_optimizer(optimizer)
+            weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            moments = copy.deepcopy(inner.state_dict())
+        self.sparsifier = build_sparsifier(model, optimizer, self.config, total_steps=int(state.max_steps),
+                                           engine=_ProcessGroupEngine(model, optimizer))
+        if resuming:
+            model.load_state_dict(weights)
+            inner.load_state_dict(moments)
+            self.sparsifier.load_state_dict(saved, reset_optimizer_state=False)   # saved with these masks
             logger.info("RigLCallback: masks of step %d loaded from %s", state.global_step, path)
         return control
 

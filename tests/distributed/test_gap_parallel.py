@@ -35,6 +35,9 @@ def worker(rank, world, packed):
     engine = DDPEngine(ddp, opt, packed_allreduce=packed)
     sp = pgap(model, opt, engine)
     assert (sp.copy, sp.copies.size) == (rank, 1)
+    # FLOPs are counted with the mean copy: each layer dense in one copy of KAPPA
+    assert sp.layer_densities() == pytest.approx(
+        {n: (sp.final_nnz[n] + (m.numel() - sp.final_nnz[n]) / KAPPA) / m.numel() for n, m in sp.masks.items()})
     masks = [{n: m.clone() for n, m in sp.masks.items()}]
     counts = [dict(sp.nnz)]
     for t in range(STEPS):

@@ -126,20 +126,26 @@ def test_trainer_callback_masks_gpt2_and_skips_the_update_step(tmp_path):
     assert (tmp_path / "a" / "checkpoint-6" / STATE_FILE).is_file()
 
 
-def test_trainer_resumed_from_a_checkpoint_equals_the_straight_run(tmp_path):
-    from rigl_ds.integrations.hf import RigLCallback
-
-    straight = RigLCallback(sparsity=0.8, delta=3)
-    a = trainer(tmp_path / "a", [straight])
-    a.train()
-    cut = RigLCallback(sparsity=0.8, delta=3)
-    trainer(tmp_path / "b", [cut], max_steps=12).train()
+@pytest.mark.parametrize("method", ["rigl", "gap_cyclic"])
+def test_trainer_resumed_from_a_checkpoint_equals_the_straight_run(tmp_path, method):
+    """Also for C-GaP, whose dense partition at the resume step is denser than its initial masks
+    (building the sparsifier must not zero the weights the Trainer loaded), resumed from a folder
+    outside output_dir."""
     import shutil
 
-    shutil.rmtree(tmp_path / "b" / "checkpoint-12")          # resume from step 6
-    resumed = RigLCallback(sparsity=0.8, delta=3)
+    from rigl_ds.integrations.hf import RigLCallback
+
+    kw = dict(sparsity=0.8, delta=3) if method == "rigl" else \
+        dict(method="gap_cyclic", sparsity=0.8, gap_partitions=2, gap_phase=4, gap_rounds=1)
+    straight = RigLCallback(**kw)
+    a = trainer(tmp_path / "a", [straight])
+    a.train()
+    trainer(tmp_path / "b", [RigLCallback(**kw)], max_steps=12).train()
+    shutil.move(tmp_path / "b" / "checkpoint-6", tmp_path / "elsewhere")      # resume from step 6, moved
+    shutil.rmtree(tmp_path / "b")
+    resumed = RigLCallback(resume_from=str(tmp_path / "elsewhere"), **kw)
     b = trainer(tmp_path / "b", [resumed])
-    b.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-6"))
+    b.train(resume_from_checkpoint=str(tmp_path / "elsewhere"))
     for n in straight.sparsifier.masks:
         assert torch.equal(straight.sparsifier.masks[n], resumed.sparsifier.masks[n]), n
     for (n, p), q in zip(a.model.named_parameters(), b.model.parameters()):

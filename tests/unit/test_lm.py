@@ -49,6 +49,10 @@ def test_a_corpus_file_is_read_as_bytes_and_a_short_one_is_refused(tmp_path):
     cfg = load_config(QUICK, [f"data.path={f}", "data.corpus_bytes=30000"]).data
     with pytest.raises(DataError, match=r"holds 25600 bytes, fewer than data.corpus_bytes=30000"):
         build_data(cfg, seed=0)
+    cfg = load_config(QUICK, ["data.corpus_bytes=10000", "data.seq_len=1024"]).data
+    with pytest.raises(DataError, match=r"leaves 1000 bytes of validation text, less than one window of "
+                                        r"data.seq_len=1024"):
+        describe_data(cfg)
 
 
 def test_gpt_masks_the_block_linears_and_counts_attention_flops_by_hand():

@@ -65,6 +65,17 @@ def test_attention_projections_and_conv1d_are_masked_the_head_and_embedding_are_
     assert only_qkv == ["block.self_attn.in_proj_weight"]
 
 
+def test_the_head_stays_dense_inside_a_wrapper():
+    """A wrapper holding the model as ``.module`` (DDP, as Accelerate prepares it on several GPUs)."""
+    class Wrapper(nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    names = [l.name for l in select_layers(Wrapper(TinyLM()))]
+    assert "module.block.linear1.weight" in names and "module.lm_head.weight" not in names
+
+
 def test_a_tied_head_is_dense_by_default_and_masked_once_when_asked():
     model = TinyLM()
     model.lm_head.weight = model.emb.weight
@@ -98,3 +109,21 @@ def test_a_structure_on_a_transposed_conv1d_is_refused_by_name():
     with pytest.raises(StructureError, match=r"'c_fc.weight' is stored \(in, out\) \(Hugging Face Conv1D\)"):
         RigL(TinyLM(), None, total_steps=20, sparsity=0.75, structure="fan_in")
     RigL(TinyLM(), None, total_steps=20, sparsity=0.75, structure="fan_in", exclude=["c_fc"])
+
+
+def test_flops_count_attention_projections_conv1d_and_scores_by_hand():
+    """nn.MultiheadAttention's projections are not module calls and Conv1D is not a Linear: both are
+    counted (with their masks' density), with the attention products as ``<module>.attention``; the
+    encoder layer's fused inference path is off while counting."""
+    from rigl_ds.core.flops import forward_flops
+
+    model = TinyLM()
+    names = [l.name for l in select_layers(model)]
+    f = forward_flops(model, torch.zeros(1, 12, dtype=torch.long), {n: 0.25 for n in names})
+    t, d = 12, 16
+    assert f.per_layer["block.self_attn.in_proj_weight"] == (2.0 * 3 * t * d * d, 2.0 * 3 * t * d * d * 0.25)
+    assert f.per_layer["block.self_attn.out_proj.weight"][0] == 2.0 * t * d * d
+    assert f.per_layer["block.self_attn.attention"] == (2.0 * 2 * t * t * d,) * 2
+    assert f.per_layer["sep.k_proj_weight"][0] == 2.0 * t * 8 * d and f.per_layer["sep.q_proj_weight"][0] == 2.0 * t * d * d
+    assert f.per_layer["c_fc.weight"] == (2.0 * t * d * 4 * d, 2.0 * t * d * 4 * d * 0.25)
+    assert f.per_layer["block.linear1.weight"][0] == 2.0 * t * d * 32
