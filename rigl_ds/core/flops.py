@@ -117,21 +117,13 @@ def forward_flops(
             handles.append(module.register_forward_hook(mha_hook))
     was_training = model.training
     model.eval()
-    # the fused inference kernels of nn.TransformerEncoderLayer / MultiheadAttention skip the module
-    # calls the hooks count: off while counting
-    mha = getattr(torch.backends, "mha", None)
-    fastpath = mha.get_fastpath_enabled() if mha is not None else None
-    if mha is not None:
-        mha.set_fastpath_enabled(False)
     try:
-        with torch.no_grad():
+        with torch.no_grad():       # (nn.TransformerEncoderLayer takes no fused path with hooks attached)
             model(sample_input)
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
-        if mha is not None:
-            mha.set_fastpath_enabled(fastpath)
     unknown = set(densities) - set(records)
     if unknown:
         raise ValueError(f"densities name layers that the forward pass never used: {sorted(unknown)}")

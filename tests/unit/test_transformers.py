@@ -113,8 +113,7 @@ def test_a_structure_on_a_transposed_conv1d_is_refused_by_name():
 
 def test_flops_count_attention_projections_conv1d_and_scores_by_hand():
     """nn.MultiheadAttention's projections are not module calls and Conv1D is not a Linear: both are
-    counted (with their masks' density), with the attention products as ``<module>.attention``; the
-    encoder layer's fused inference path is off while counting."""
+    counted (with their masks' density), with the attention products as ``<module>.attention``."""
     from rigl_ds.core.flops import forward_flops
 
     model = TinyLM()
