@@ -23,6 +23,7 @@ import math
 import multiprocessing
 import multiprocessing.util  # noqa: F401  (registers its exit handler now: ours must come after it)
 import pathlib
+import random
 import signal
 from dataclasses import dataclass
 from typing import Iterator
@@ -233,8 +234,12 @@ def _plain_errors(loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tens
 # --------------------------------------------------------------------------------- sources
 
 def _digits(val_fraction: float) -> tuple[TensorDataset, TensorDataset]:
+    # importing scikit-learn can draw from Python's global RNG (rich, when installed, does at import):
+    # the run's RNG state must not depend on whether this process imported it before (a second run)
+    state = random.getstate()
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
+    random.setstate(state)
 
     X, y = load_digits(return_X_y=True)
     X = torch.tensor(X, dtype=torch.float32).view(-1, 1, 8, 8) / 16.0
