@@ -26,10 +26,8 @@ from .local import LocalEngine, flat_in_memory_order, grad_scaler
 class PackedAllReduce:
     """State of the packed all-reduce communication hook; counts the bytes it all-reduces."""
 
-    def __init__(self, engine: "DDPEngine", process_group=None, *, packed: bool = True) -> None:
+    def __init__(self, engine: "DDPEngine", *, packed: bool = True) -> None:
         self.engine = engine
-        self.group = process_group
-        self.world = dist.get_world_size(process_group)
         self.packed = packed       # False: the whole bucket always (a hook only to choose the group: P-GaP)
         self._index_cache: dict[tuple[int, ...], Tensor | None] = {}
         self._cache_version = -1
@@ -68,7 +66,7 @@ class PackedAllReduce:
     def __call__(self, bucket) -> torch.futures.Future[Tensor]:
         buf = bucket.buffer()
         self.dense_bytes_this_step += buf.numel() * buf.element_size()
-        group, world = self.engine.grad_group()
+        group, world = self.engine.grad_group
         idx = None if not self.packed or self.engine.dense_grad_wanted() else self._active_index(bucket)
         if idx is None:
             buf.div_(world)
@@ -113,8 +111,10 @@ class DDPEngine(LocalEngine):
         self.comm: PackedAllReduce | None = None
         self.copies: CopyGroups | None = None
         self.apart = False          # P-GaP: do the copies train apart now (gradients and masks per copy)?
+        #: (process group, its size) over which gradients are averaged now (read per bucket per step)
+        self.grad_group = (ddp_model.process_group, dist.get_world_size(ddp_model.process_group))
         if packed_allreduce:
-            self.comm = PackedAllReduce(self, ddp_model.process_group)
+            self.comm = PackedAllReduce(self)
             ddp_model.register_comm_hook(self.comm, packed_allreduce_hook)
 
     # ------------------------------------------------------------------ P-GaP's copies
@@ -124,7 +124,7 @@ class DDPEngine(LocalEngine):
         if self.copies is None:
             self.copies = CopyGroups(kappa, self.ddp.process_group)
             if self.comm is None:           # gradients must be all-reduced within a copy: a hook chooses the group
-                self.comm = PackedAllReduce(self, self.ddp.process_group, packed=False)
+                self.comm = PackedAllReduce(self, packed=False)
                 self.ddp.register_comm_hook(self.comm, packed_allreduce_hook)
         elif self.copies.kappa != kappa:
             raise ValueError(f"this engine's world is already split into {self.copies.kappa} copies, not {kappa}")
@@ -135,12 +135,8 @@ class DDPEngine(LocalEngine):
         if apart and self.copies is None:
             raise ValueError("set_copies_apart(True) before split_copies")
         self.apart = apart
-
-    def grad_group(self):
-        """(process group, its size) over which gradients are averaged now."""
-        if self.apart:
-            return self.copies.group, self.copies.size
-        return self.ddp.process_group, dist.get_world_size(self.ddp.process_group)
+        self.grad_group = (self.copies.group, self.copies.size) if apart else \
+            (self.ddp.process_group, dist.get_world_size(self.ddp.process_group))
 
     def _mask_group(self):
         return self.copies.group if self.apart else self.ddp.process_group
