@@ -27,6 +27,7 @@ def spawn_ranks(worker, world: int, args, results: int) -> list:
     """Run ``worker(rank, world, port, args, queue)`` on ``world`` spawned processes (gloo on a free
     loopback port) and return the first ``results`` items the workers put on the queue."""
     import socket
+    import time
 
     import torch.multiprocessing as mp
 
@@ -38,7 +39,16 @@ def spawn_ranks(worker, world: int, args, results: int) -> list:
     procs = [ctx.Process(target=worker, args=(r, world, port, args, queue)) for r in range(world)]
     for p in procs:
         p.start()
-    out = [queue.get() for _ in range(results)]
+    out = []
+    while len(out) < results:         # a rank that died (an exception) ends the wait instead of hanging it
+        if not queue.empty():
+            out.append(queue.get())
+        elif any(p.exitcode not in (None, 0) for p in procs) or all(p.exitcode is not None for p in procs):
+            for p in procs:
+                p.kill()
+            raise SystemExit(f"a benchmark rank exited with {[p.exitcode for p in procs]} before reporting")
+        else:
+            time.sleep(0.2)
     for p in procs:
         p.join()
     return out

@@ -55,11 +55,58 @@ def unwrap_optimizer(optimizer):
     return optimizer
 
 
+class MaskMultiplier:
+    """``src * mask`` for a bool ``mask``, written into ``out`` (which may be ``src``), with no
+    mask-sized temporary.
+
+    On CUDA one ``torch.where(mask, src, 0, out=out)``. On CPU, bool kernels are not vectorised
+    (``where``, ``src * mask`` and bool->float copies run 6-40x slower than a float multiply, see
+    benchmarks/README.md), so the mask is read as uint8, widened chunk by chunk into a small
+    reusable buffer and multiplied in. (Multiplying keeps a NaN/inf value at a masked position as
+    NaN; a step with such gradients is skipped anyway.)"""
+
+    CHUNK = 1 << 18      # elements per step of the CPU loop (1 MiB float32 buffer)
+    SMALL = 1 << 15      # below this, one torch.where call costs less than the chunk loop
+
+    def __init__(self) -> None:
+        self._buffers: dict[torch.dtype, Tensor] = {}     # CPU: one CHUNK-sized buffer per dtype
+        self._zeros: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+
+    def zero(self, t: Tensor) -> Tensor:
+        key = (t.dtype, t.device)
+        z = self._zeros.get(key)
+        if z is None:
+            z = self._zeros[key] = torch.zeros((), dtype=t.dtype, device=t.device)
+        return z
+
+    def chunked(self, t: Tensor) -> bool:
+        """Does a tensor like ``t`` take the CPU chunk loop?"""
+        return t.device.type == "cpu" and t.is_floating_point() and t.numel() >= self.SMALL
+
+    def buffer(self, dtype: torch.dtype) -> Tensor:
+        buf = self._buffers.get(dtype)
+        if buf is None:
+            buf = self._buffers[dtype] = torch.empty(self.CHUNK, dtype=dtype)
+        return buf
+
+    @torch.no_grad()
+    def __call__(self, src: Tensor, mask: Tensor, out: Tensor) -> Tensor:
+        if not self.chunked(src) or not (src.is_contiguous() and mask.is_contiguous() and out.is_contiguous()):
+            return torch.where(mask, src, self.zero(src), out=out)
+        flat, dst, m8 = src.view(-1), out.view(-1), mask.view(-1).view(torch.uint8)
+        buf = self.buffer(src.dtype)
+        n = flat.numel()
+        for i in range(0, n, self.CHUNK):
+            c = min(self.CHUNK, n - i)
+            b = buf[:c]
+            b.copy_(m8[i:i + c])
+            torch.mul(flat[i:i + c], b, out=dst[i:i + c])
+        return out
+
+
 class LocalEngine(WholeMasks):
     """Adapter for a model trained by a plain ``torch.optim`` optimizer in this process."""
 
-    CHUNK = 1 << 18      # elements per step of the CPU masking loop (1 MiB float32 buffer)
-    SMALL = 1 << 15      # below this, one torch.where call costs less than the chunk loop
     #: layers below this many elements keep a copy of their mask in the weight's dtype, and the
     #: gradients of all of them are masked by ONE ``torch._foreach_mul_`` per step (the per-layer
     #: dispatch, not the arithmetic, is what small layers cost); larger layers take the paths of
@@ -68,19 +115,12 @@ class LocalEngine(WholeMasks):
     #: masked position exactly 0 (a multiply makes it NaN; the trainer never steps on such gradients)
     FUSE_BELOW = 1 << 17
 
-    def _buffer(self, dtype: torch.dtype) -> Tensor:
-        buf = self._buffers.get(dtype)
-        if buf is None:
-            buf = self._buffers[dtype] = torch.empty(self.CHUNK, dtype=dtype)
-        return buf
-
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
         self.model = model
         self.optimizer = unwrap_optimizer(optimizer)
         self._params: dict[str, nn.Parameter] = dict(model.named_parameters(remove_duplicate=True))
         self._pairs: list[tuple[nn.Parameter, Tensor]] = []
-        self._zeros: dict[tuple[torch.dtype, torch.device], Tensor] = {}
-        self._buffers: dict[torch.dtype, Tensor] = {}     # CPU: one CHUNK-sized buffer per dtype
+        self._mul = MaskMultiplier()
         self._fused: dict[str, Tensor] = {}               # name -> mask in the weight's dtype (small layers)
         self._names: list[str] = []
         self._hooks: list = []
@@ -100,8 +140,8 @@ class LocalEngine(WholeMasks):
         for l in layers:
             self._mask_changed(l.name, masks[l.name])
         for p, _ in self._pairs:     # allocate the CPU masking buffers now, not on a training step
-            if p.device.type == "cpu" and p.is_floating_point() and p.numel() >= self.SMALL:
-                self._buffer(p.dtype)
+            if self._mul.chunked(p):
+                self._mul.buffer(p.dtype)
         self.dense_grad_wanted = dense_grad_wanted
 
     def weight(self, name: str) -> Tensor:
@@ -133,11 +173,7 @@ class LocalEngine(WholeMasks):
                 torch.where(keep, value, self._zero(value), out=value)
 
     def _zero(self, t: Tensor) -> Tensor:
-        key = (t.dtype, t.device)
-        z = self._zeros.get(key)
-        if z is None:
-            z = self._zeros[key] = torch.zeros((), dtype=t.dtype, device=t.device)
-        return z
+        return self._mul.zero(t)
 
     @torch.no_grad()
     def apply_update(self, name: str, old: Tensor, new: Tensor, dropped: Tensor, grown: Tensor) -> None:
@@ -153,26 +189,8 @@ class LocalEngine(WholeMasks):
         faults.point("mask_update")
 
     def _masked_inplace(self, t: Tensor, mask: Tensor) -> None:
-        """``t[~mask] = 0`` in place, with no mask-sized temporary.
-
-        On CUDA one ``torch.where(..., out=t)``. On CPU, bool kernels are not vectorised
-        (``where`` and bool->float copies run ~6x slower than a float multiply, see
-        benchmarks/README.md), so the mask is read as uint8, widened chunk by chunk into a small
-        reusable buffer and multiplied in. (Multiplying keeps a NaN/inf gradient at a masked
-        position as NaN; such a step is skipped by a GradScaler anyway.)
-        """
-        n = t.numel()
-        if n < self.SMALL or t.device.type != "cpu" or not (t.is_contiguous() and mask.is_contiguous()) \
-                or not t.is_floating_point():
-            torch.where(mask, t, self._zero(t), out=t)
-            return
-        flat, m8 = t.view(-1), mask.view(-1).view(torch.uint8)
-        buf = self._buffer(t.dtype)
-        for i in range(0, n, self.CHUNK):
-            c = min(self.CHUNK, n - i)
-            b = buf[:c]
-            b.copy_(m8[i:i + c])
-            flat[i:i + c].mul_(b)
+        """``t[~mask] = 0`` in place, with no mask-sized temporary (:class:`MaskMultiplier`)."""
+        self._mul(t, mask, out=t)
 
     def _grad(self, param: nn.Parameter) -> Tensor | None:
         """The gradient this rank masks (FSDP2: its local shard)."""

@@ -31,3 +31,66 @@ def test_ordinary_step_allocates_no_mask_sized_tensor():
     assert sp.wants_dense_grad()
     allocs = allocations_during(sp.step)
     assert sum(allocs) >= 4 * sum(m.numel() for m in sp.masks.values())
+
+
+def test_mask_multiplier_equals_where_across_chunks_and_dtypes():
+    """The CPU chunk loop (uint8 mask widened chunk by chunk) gives torch.where's result, in place
+    and into another tensor, across chunk boundaries, for float32 and bf16, and leaves the mask
+    and (out of place) the source untouched."""
+    from rigl_ds.engines.local import MaskMultiplier
+
+    mul = MaskMultiplier()
+    g = torch.Generator().manual_seed(0)
+    for n in (mul.SMALL - 1, mul.CHUNK * 2 + 12345):           # the where path and the chunk loop
+        for dtype in (torch.float32, torch.bfloat16):
+            src = torch.randn(n, generator=g).to(dtype).view(-1, 5 if n % 5 == 0 else 1)
+            mask = torch.rand(src.shape, generator=g) < 0.1
+            want = torch.where(mask, src, torch.zeros((), dtype=dtype))
+            keep_src, keep_mask = src.clone(), mask.clone()
+            out = mul(src, mask, out=torch.empty_like(src))
+            assert torch.equal(out, want) and torch.equal(src, keep_src) and torch.equal(mask, keep_mask)
+            assert mul(src, mask, out=src) is src and torch.equal(src, want)
+            assert mul.chunked(src) == (n >= mul.SMALL)
+
+
+def test_deepspeed_gradient_hook_masks_small_and_large_layers_and_follows_mask_changes():
+    """The DeepSpeed adapter's tensor hook: on an ordinary step each masked gradient is the dense
+    gradient zeroed outside the mask, for a layer under LocalEngine.FUSE_BELOW (a cached mask in
+    the gradient's dtype) and one above it (the chunk loop); after a mask is changed in place, the
+    next backward uses the new mask; a step feeding a grow score passes the dense gradient."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from rigl_ds.core.layers import MaskedLayer
+    from rigl_ds.engines.deepspeed import DeepSpeedEngineAdapter
+    from rigl_ds.engines.local import LocalEngine
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 1500))   # 6144 and 144000 weights
+    assert model[0].weight.numel() < LocalEngine.FUSE_BELOW < model[2].weight.numel()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    fake = SimpleNamespace(module=model, basic_optimizer=opt, optimizer=opt, zero_optimization_stage=lambda: 0)
+    adapter = DeepSpeedEngineAdapter(fake, opt)
+    layers = [MaskedLayer(f"{i}.weight", str(i), tuple(model[i].weight.shape), is_conv=False, is_linear=True)
+              for i in (0, 2)]
+    masks = {l.name: torch.rand(l.shape) < 0.2 for l in layers}
+    dense = {"on": False}
+    adapter.bind(layers, masks, lambda: dense["on"])
+    x = torch.randn(8, 64)
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        model(x).square().mean().backward()
+        return {n: model.get_parameter(n).grad.clone() for n in masks}
+
+    dense["on"] = True
+    full = grads()
+    assert all(torch.count_nonzero(g[~masks[n]]) > 0 for n, g in full.items())    # the hook let them through
+    dense["on"] = False
+    for _ in range(2):
+        got = grads()
+        for n, m in masks.items():
+            assert torch.equal(got[n], torch.where(m, full[n], torch.zeros(()))), n
+        for m in masks.values():
+            m.copy_(torch.rand(m.shape) < 0.5)                                  # changed in place
