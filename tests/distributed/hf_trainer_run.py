@@ -31,7 +31,8 @@ def main() -> None:
                              save_steps=6, save_strategy="steps", logging_strategy="no", report_to=[], use_cpu=True,
                              seed=3, data_seed=3, lr_scheduler_type="constant", dataloader_num_workers=0,
                              disable_tqdm=True, ddp_backend="gloo")
-    rigl = RigLCallback(sparsity=0.8, delta=3, distribution="uniform")
+    # each rank draws other initial masks (seed = rank): equal masks on both ranks come from the broadcast
+    rigl = RigLCallback(sparsity=0.8, delta=3, distribution="uniform", seed=int(os.environ.get("RANK", "0")))
     trainer = Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[rigl])
     trainer.train(resume_from_checkpoint=resume)
     sp = rigl.sparsifier
