@@ -110,8 +110,8 @@ class DeepSpeedEngineAdapter(WholeMasks):
 
     def _masked(self, name: str, grad: Tensor) -> Tensor:
         """A new tensor: ``grad`` zeroed outside the layer's mask (a tensor hook may not modify its
-        argument). On CPU a bool multiply is not vectorised (``grad * mask`` cost 6-40x a float
-        multiply): small layers multiply by a copy of the mask in the gradient's dtype, refreshed
+        argument). On CPU a bool multiply is not vectorised (``grad * mask`` costs 4.5-8x a float
+        multiply, ``benchmarks/mask_kernels.py``): small layers multiply by a copy of the mask in the gradient's dtype, refreshed
         when the mask tensor changes (its version counter), larger ones take
         :class:`~rigl_ds.engines.local.MaskMultiplier`'s chunk loop; on a GPU one ``torch.where``."""
         mask = self._masks[name]
