@@ -120,8 +120,8 @@ class DeepSpeedEngineAdapter(WholeMasks):
             cached = self._float_masks.get(name)
             if cached is None or cached[0] is not mask or cached[1] != mask._version or cached[2].dtype != grad.dtype:
                 cached = self._float_masks[name] = (mask, mask._version, mask.to(grad.dtype))
-            return grad * cached[2]
-        return self._mul(grad, mask.to(grad.device), out=torch.empty_like(grad))
+            return self._mul.copy(grad, mask, cached[2])
+        return self._mul.copy(grad, mask)
 
     def weight(self, name: str) -> Tensor:
         p = self._param(name)

@@ -89,6 +89,13 @@ class MaskMultiplier:
             buf = self._buffers[dtype] = torch.empty(self.CHUNK, dtype=dtype)
         return buf
 
+    def copy(self, src: Tensor, mask: Tensor, float_mask: Tensor | None = None) -> Tensor:
+        """A new tensor, ``src`` zeroed outside ``mask`` (what a tensor hook returns: it may not modify
+        its argument); ``float_mask``, the mask in ``src``'s dtype on its device, makes it one multiply."""
+        if float_mask is not None and float_mask.dtype == src.dtype and float_mask.device == src.device:
+            return src * float_mask
+        return self(src, mask.to(src.device), out=torch.empty_like(src))
+
     @torch.no_grad()
     def __call__(self, src: Tensor, mask: Tensor, out: Tensor) -> Tensor:
         if not self.chunked(src) or not (src.is_contiguous() and mask.is_contiguous() and out.is_contiguous()):

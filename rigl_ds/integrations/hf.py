@@ -14,8 +14,10 @@ the Trainer resumes from ``output_dir/checkpoint-<step>`` (another folder: ``res
 resumed run continues the same masks with the weights and optimizer state the Trainer loaded.
 
 Under several processes (torchrun, ``accelerate launch``: DDP) masks are broadcast from rank 0 and
-checked equal on every update. Differences from ``rigl-ds train``: the Trainer clips gradients
-(``max_grad_norm``) before the callback runs, by the norm of the dense gradient. Not built yet:
+checked equal on every update. Gradients are masked as backward produces them, so the Trainer's
+``max_grad_norm`` clips by the norm of the masked gradient, as ``rigl-ds train`` does (a difference:
+with ``grad_accumulation_n`` > 1 the steps just before an update, whose dense gradients feed the
+grow score, are clipped by the dense norm). Not built yet:
 the Trainer's DeepSpeed and FSDP settings, and fp16 (its GradScaler refuses a step without
 gradients); they are refused at the start of training with that message. Use bf16 or fp32.
 """
@@ -41,7 +43,30 @@ STATE_FILE = "rigl_ds_sparsifier.pt"
 
 class _ProcessGroupEngine(LocalEngine):
     """LocalEngine for a model whose gradients a wrapper (DDP) already averaged over the default
-    process group: masks are broadcast from rank 0 and checked equal there."""
+    process group: masks are broadcast from rank 0 and checked equal there.
+
+    Gradients are masked as backward produces them (a tensor hook on each masked weight, before
+    DDP's all-reduce and the gradient accumulation), so the Trainer, which clips between backward
+    and the callback, clips by the norm of the gradient the optimizer applies, as ``rigl-ds train``
+    does. Steps whose dense gradient feeds a grow score let it through (a RigL update step then
+    skips its optimizer step)."""
+
+    def __init__(self, model, optimizer) -> None:
+        super().__init__(model, optimizer)
+        self._grad_hooks: list = []
+
+    def bind(self, layers, masks, dense_grad_wanted=lambda: True) -> None:
+        super().bind(layers, masks, dense_grad_wanted)
+        for h in self._grad_hooks:
+            h.remove()
+        self._grad_hooks = [self._param(l.name).register_hook(self._hook(l.name, masks[l.name])) for l in layers]
+
+    def _hook(self, name: str, mask: torch.Tensor):
+        def hook(grad: torch.Tensor) -> torch.Tensor:
+            if self.dense_grad_wanted():
+                return grad
+            return self._mul.copy(grad, mask, self._fused.get(name))   # the float copy LocalEngine keeps current
+        return hook
 
     def _dist(self):
         import torch.distributed as dist

@@ -166,3 +166,41 @@ def test_trainer_callback_refuses_fp16_and_a_resume_without_its_file(tmp_path):
     tr.args.fp16 = True
     with pytest.raises(ValueError, match="fp16 is not supported"):
         RigLCallback(sparsity=0.8).on_train_begin(tr.args, tr.state, tr.control, model=tr.model, optimizer=None)
+
+
+def test_trainer_clips_by_the_norm_of_the_masked_gradient(tmp_path):
+    """The Trainer clips between backward and the callback: the callback masks gradients as backward
+    produces them, so with SGD (no momentum, no weight decay) and a clip far below the gradient norm,
+    an ordinary step moves the parameters by exactly lr x max_grad_norm in total, and no masked weight.
+    (Clipped by the dense gradient's norm, as before, the step was shorter by the masked part.)"""
+    from torch.utils.data import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    from rigl_ds.integrations.hf import RigLCallback
+
+    class DS(Dataset):
+        def __init__(self):
+            self.t = tokens()
+
+        def __len__(self):
+            return len(self.t)
+
+        def __getitem__(self, i):
+            return {"input_ids": self.t[i], "labels": self.t[i]}
+
+    lr, clip = 1e-2, 1e-3
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, learning_rate=lr,
+                             optim="sgd", weight_decay=0.0, max_grad_norm=clip, save_strategy="no",
+                             logging_strategy="no", report_to=[], use_cpu=True, seed=3, data_seed=3,
+                             lr_scheduler_type="constant", dataloader_num_workers=0, disable_tqdm=True)
+    rigl, snaps = RigLCallback(sparsity=0.8, delta=5, distribution="uniform"), Snapshots()
+    tr = Trainer(model=tiny_gpt2(seed=1), args=args, train_dataset=DS(), callbacks=[rigl, snaps.cb])
+    tr.train()
+    sp = rigl.sparsifier
+    assert sp.last_update is None and len(snaps.after) == 2          # ordinary steps only
+    for step, before, after in snaps.after:
+        moved = {n: (after[n] - before[n]).double() for n in before}
+        total = torch.sqrt(sum(d.square().sum() for d in moved.values()))
+        assert total.item() == pytest.approx(lr * clip, rel=1e-4), step
+        for n, m in sp.masks.items():
+            assert torch.count_nonzero(moved[n][~m]) == 0 and torch.count_nonzero(moved[n][m]) > 0, (step, n)
