@@ -78,9 +78,9 @@ class Snapshots:
         self.cb, self.after = CB(), []
 
 
-def trainer(out, callbacks, max_steps=12, save_steps=6):
+def token_dataset():
+    """:func:`tokens` as the Trainer's dataset (labels = inputs)."""
     from torch.utils.data import Dataset
-    from transformers import Trainer, TrainingArguments
 
     class DS(Dataset):
         def __init__(self):
@@ -92,11 +92,17 @@ def trainer(out, callbacks, max_steps=12, save_steps=6):
         def __getitem__(self, i):
             return {"input_ids": self.t[i], "labels": self.t[i]}
 
+    return DS()
+
+
+def trainer(out, callbacks, max_steps=12, save_steps=6):
+    from transformers import Trainer, TrainingArguments
+
     args = TrainingArguments(output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=4, learning_rate=1e-2,
                              save_steps=save_steps, save_strategy="steps", logging_strategy="no", report_to=[],
                              use_cpu=True, seed=3, data_seed=3, lr_scheduler_type="constant", dataloader_num_workers=0,
                              disable_tqdm=True)
-    return Trainer(model=tiny_gpt2(seed=1), args=args, train_dataset=DS(), callbacks=callbacks)
+    return Trainer(model=tiny_gpt2(seed=1), args=args, train_dataset=token_dataset(), callbacks=callbacks)
 
 
 def test_trainer_callback_masks_gpt2_and_skips_the_update_step(tmp_path):
@@ -173,20 +179,9 @@ def test_trainer_clips_by_the_norm_of_the_masked_gradient(tmp_path):
     produces them, so with SGD (no momentum, no weight decay) and a clip far below the gradient norm,
     an ordinary step moves the parameters by exactly lr x max_grad_norm in total, and no masked weight.
     (Clipped by the dense gradient's norm, as before, the step was shorter by the masked part.)"""
-    from torch.utils.data import Dataset
     from transformers import Trainer, TrainingArguments
 
     from rigl_ds.integrations.hf import RigLCallback
-
-    class DS(Dataset):
-        def __init__(self):
-            self.t = tokens()
-
-        def __len__(self):
-            return len(self.t)
-
-        def __getitem__(self, i):
-            return {"input_ids": self.t[i], "labels": self.t[i]}
 
     lr, clip = 1e-2, 1e-3
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, learning_rate=lr,
@@ -194,7 +189,7 @@ def test_trainer_clips_by_the_norm_of_the_masked_gradient(tmp_path):
                              logging_strategy="no", report_to=[], use_cpu=True, seed=3, data_seed=3,
                              lr_scheduler_type="constant", dataloader_num_workers=0, disable_tqdm=True)
     rigl, snaps = RigLCallback(sparsity=0.8, delta=5, distribution="uniform"), Snapshots()
-    tr = Trainer(model=tiny_gpt2(seed=1), args=args, train_dataset=DS(), callbacks=[rigl, snaps.cb])
+    tr = Trainer(model=tiny_gpt2(seed=1), args=args, train_dataset=token_dataset(), callbacks=[rigl, snaps.cb])
     tr.train()
     sp = rigl.sparsifier
     assert sp.last_update is None and len(snaps.after) == 2          # ordinary steps only
