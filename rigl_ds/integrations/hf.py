@@ -54,6 +54,8 @@ class _ProcessGroupEngine(LocalEngine):
     def __init__(self, model, optimizer) -> None:
         super().__init__(model, optimizer)
         self._grad_hooks: list = []
+        self._dense_passed = False      # a hook let a dense gradient through since the last mask_grads
+        self._mask_moved = True         # a mask changed since the last mask_grads (init, load, update)
 
     def bind(self, layers, masks, dense_grad_wanted=lambda: True) -> None:
         super().bind(layers, masks, dense_grad_wanted)
@@ -64,9 +66,21 @@ class _ProcessGroupEngine(LocalEngine):
     def _hook(self, name: str, mask: torch.Tensor):
         def hook(grad: torch.Tensor) -> torch.Tensor:
             if self.dense_grad_wanted():
+                self._dense_passed = True
                 return grad
             return self._mul.copy(grad, mask, self._fused.get(name))   # the float copy LocalEngine keeps current
         return hook
+
+    def _mask_changed(self, name: str, mask: torch.Tensor) -> None:
+        super()._mask_changed(name, mask)
+        self._mask_moved = True
+
+    def mask_grads(self) -> None:
+        """The hooks masked this step's gradients already, unless one let a dense gradient through
+        or a mask changed since (a method that updates masks on a step it applies: GMP)."""
+        if self._dense_passed or self._mask_moved:
+            super().mask_grads()
+        self._dense_passed = self._mask_moved = False
 
     def _dist(self):
         import torch.distributed as dist

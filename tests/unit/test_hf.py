@@ -199,3 +199,18 @@ def test_trainer_clips_by_the_norm_of_the_masked_gradient(tmp_path):
         assert total.item() == pytest.approx(lr * clip, rel=1e-4), step
         for n, m in sp.masks.items():
             assert torch.count_nonzero(moved[n][~m]) == 0 and torch.count_nonzero(moved[n][m]) > 0, (step, n)
+
+
+def test_trainer_gmp_keeps_pruned_weights_at_zero_on_the_steps_it_prunes(tmp_path):
+    """GMP prunes on steps whose optimizer step runs: the gradients the hooks masked under the old
+    masks are masked again under the new ones before that step, so no pruned weight moves."""
+    from rigl_ds.integrations.hf import RigLCallback
+
+    rigl, snaps = RigLCallback(method="gmp", sparsity=0.8, delta=2, t_end=0.75, distribution="uniform"), Snapshots()
+    tr = trainer(tmp_path / "g", [rigl, snaps.cb], max_steps=8, save_steps=100)
+    tr.train()
+    sp = rigl.sparsifier
+    params = dict(tr.model.named_parameters())
+    assert sp.last_update is not None and sp.last_update["step"] >= 4     # pruned more than once
+    for n, m in sp.masks.items():
+        assert int(m.sum()) == sp.nnz[n] and torch.count_nonzero(params[n].detach()[~m]) == 0, n
