@@ -64,6 +64,29 @@ def plan_net(num_classes: int = 10) -> PlanNet:
     return PlanNet(num_classes)
 
 
+class Conv1D(nn.Module):
+    """The layout of Hugging Face's GPT-2 ``Conv1D`` (weight (in, out), y = x @ W + b), without
+    importing transformers: rigl_ds recognises it by name and layout."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.02)
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Conv1D":
+        """The same map as ``linear``: its weight transposed (and its bias, or zeros)."""
+        out = cls(linear.out_features, linear.in_features).to(linear.weight.dtype)
+        with torch.no_grad():
+            out.weight.copy_(linear.weight.t())
+            out.bias.copy_(linear.bias if linear.bias is not None else torch.zeros(linear.out_features))
+        return out
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], self.nf)
+
+
 class NoBNCNN(nn.Module):
     """TinyCNN without BatchNorm: per-rank batch statistics would differ from one big batch."""
 

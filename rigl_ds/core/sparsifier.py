@@ -31,7 +31,7 @@ from .engine import Engine
 from .layers import MaskedLayer, select_layers
 from .methods import get_method, method_names, register_method
 from .schedule import ANNEALS, UpdateSchedule
-from .selection import Change, random_grouped_mask
+from .selection import Change, random_grouped_mask, select_layer
 from .structures import get_structure
 
 logger = logging.getLogger(__name__)
@@ -175,6 +175,13 @@ class LayerPlan(NamedTuple):
     group: int
 
 
+def group_shape(layer: MaskedLayer) -> tuple[int, ...]:
+    """The shape a structure groups ``layer`` by: (out, in, ...), the weight's own shape except for a
+    weight stored (in, out) (Hugging Face's ``Conv1D``), whose groups run along its input dimension
+    (dim 0), as the rows of its transpose."""
+    return tuple(reversed(layer.shape)) if layer.transposed else tuple(layer.shape)
+
+
 def plan_layers(layers: Sequence[MaskedLayer], config: SparsityConfig) -> dict[str, LayerPlan]:
     """The final per-layer counts of ``config`` over ``layers``: the distribution's density, floored
     to a count (SPEC §3), then held by the structure. Pure: the sparsifier and ``rigl-ds plan`` both
@@ -184,14 +191,9 @@ def plan_layers(layers: Sequence[MaskedLayer], config: SparsityConfig) -> dict[s
                                                       power_scale=config.erk_power_scale)
     out: dict[str, LayerPlan] = {}
     for l in layers:
-        if l.transposed and structure.name != "unstructured" and densities[l.name] < 1.0:
-            from .structures import StructureError
-            raise StructureError(
-                f"structure {config.structure!r} groups weights along a layer's input dimension, and {l.name!r} "
-                f"is stored (in, out) (Hugging Face Conv1D): structures on such layers are not built yet; use "
-                f"structure: unstructured, or exclude the layer (exclude: ['{l.module_name}'])")
-        nnz = structure.count(l.name, l.shape, nnz_for(l.numel, densities[l.name]))
-        group = l.numel if nnz == l.numel else structure.group_size(l.name, l.shape)
+        shape = group_shape(l)
+        nnz = structure.count(l.name, shape, nnz_for(l.numel, densities[l.name]))
+        group = l.numel if nnz == l.numel else structure.group_size(l.name, shape)
         out[l.name] = LayerPlan(l.numel, densities[l.name], nnz, group)
     return out
 
@@ -310,11 +312,21 @@ class Sparsifier:
         self.shapes: dict[str, tuple[int, ...]] = {l.name: l.shape for l in self.layers}   # whole layers
         self._numel = {l.name: l.numel for l in self.layers}
         self._groups = {n: self._numel[n] // g for n, g in self.group.items()}
+        #: grouped layers stored (in, out) (Hugging Face's Conv1D): their groups run along dim 0, so the
+        #: structure's selections read them whole, transposed (see :meth:`_select_transposed`)
+        self._transposed: frozenset[str] = frozenset(
+            l.name for l in self.layers if l.transposed and self.group[l.name] != l.numel)
         self.schedule = type(self).make_schedule(cfg, total_steps)
         #: layers whose output rows SRigL's neuron ablation may remove (gamma_sal set): the fan_in-grouped
         #: ones except the last masked layer (its rows are the model's outputs; SRigL's default)
         self.ablatable: tuple[str, ...] = () if cfg.gamma_sal is None else tuple(
             l.name for l in self.layers[:-1] if self.group[l.name] != l.numel)
+        stored_in_out = [n for n in self.ablatable if n in self._transposed]
+        if stored_in_out:
+            from .structures import StructureError
+            raise StructureError(
+                f"gamma_sal={cfg.gamma_sal} (neuron ablation) is not built for layers stored (in, out) (Hugging Face "
+                f"Conv1D): {', '.join(stored_in_out)}; set gamma_sal: null, or exclude them")
         #: the counts in force now: every update checks the masks hold exactly these
         self.nnz: dict[str, int] = self._initial_counts()
         skip = cfg.skip_step_on_update
@@ -346,8 +358,8 @@ class Sparsifier:
                             "initial mask of %d active", layer.name, layer.numel - nz, nz, self.nnz[layer.name])
             n = layer.name
             flat = random_grouped_mask(layer.numel, self.group[n], self.nnz[n] // self._groups[n], self.generator,
-                                       prefer)
-            masks[layer.name] = self.engine.shard(layer.name, flat.view(layer.shape)).to(w.device)
+                                       None if prefer is None else self._in_group_order(n, prefer))
+            masks[layer.name] = self.engine.shard(layer.name, self._from_group_order(n, flat)).to(w.device)
         self.engine.sync_masks(masks)
         self.masks = masks
         #: live output rows (all layer-wide) and rows removed by neuron ablation, of each ablatable layer
@@ -483,7 +495,11 @@ class Sparsifier:
         start, ablated = self.masks, {}
         if self.ablatable:
             start, plan, expected, ablated = self._ablate(plan, expected, due_at, grads)
-        chosen = self.engine.select(start, plan, self.drop_score, lambda name: self.grow_score(name, grads))
+        grow_score = lambda name: self.grow_score(name, grads)    # noqa: E731
+        chosen = self.engine.select(start, {n: c for n, c in plan.items() if n not in self._transposed},
+                                    self.drop_score, grow_score)
+        chosen.update({n: self._select_transposed(n, start[n], c, grow_score)
+                       for n, c in plan.items() if n in self._transposed})
         new_masks = {n: c[0] for n, c in chosen.items()}
         changes = {n: (c[1], c[2]) for n, c in chosen.items()}
         for n, gone in ablated.items():          # the weights of removed rows are dropped too
@@ -612,7 +628,38 @@ class Sparsifier:
         g = self.group[name]
         if g == self._numel[name]:
             return torch.zeros((), dtype=torch.int64, device=mask.device)
+        if name in self._transposed:            # groups across shards: counted whole, then as this rank's part
+            groups = self._in_group_order(name, self.engine.whole(name, mask)).view(-1, g)
+            first = torch.zeros(groups.shape, dtype=torch.bool, device=groups.device)
+            first[:, 0] = groups.sum(1) != quota            # one mark per group off its quota, counted once
+            return torch.count_nonzero(self.engine.shard(name, self._from_group_order(name, first.view(-1))))
         return torch.count_nonzero(mask.reshape(-1, g).sum(1) != quota)
+
+    # ------------------------------------------------------------------ layers stored (in, out)
+    def _in_group_order(self, name: str, whole: Tensor) -> Tensor:
+        """A whole layer's tensor, flat, in the order its groups are consecutive in: row-major, or
+        that of its transpose for a grouped layer stored (in, out)."""
+        return whole.t().reshape(-1) if name in self._transposed else whole.reshape(-1)
+
+    def _from_group_order(self, name: str, flat: Tensor) -> Tensor:
+        """The inverse of :meth:`_in_group_order`: the whole layer of its stored shape."""
+        if name in self._transposed:
+            rows, cols = self.shapes[name]
+            return flat.view(cols, rows).t().contiguous()
+        return flat.view(self.shapes[name])
+
+    def _select_transposed(self, name: str, mask: Tensor, change: Change, grow_score: Any
+                           ) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`Engine.select` for a grouped layer stored (in, out): its groups (columns, or blocks
+        along them) cross the shards of an engine that shards rows, so the mask and scores are read
+        whole (a collective there), selected in group order (ties to the lower position of the
+        transpose) by the same rule, and this rank's part kept."""
+        whole = self.engine.whole
+        drop = self._in_group_order(name, whole(name, self.drop_score(name)))
+        grow = self._in_group_order(name, whole(name, grow_score(name))) if change.k_grow else None
+        new, _, _ = select_layer(self._in_group_order(name, whole(name, mask)), drop, grow, change)
+        new = self.engine.shard(name, self._from_group_order(name, new)).to(mask.device)
+        return (new, (mask & ~new).view(-1).nonzero().view(-1), (new & ~mask).view(-1).nonzero().view(-1))
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -723,7 +770,8 @@ class SET(Static):
 
     def grow_score(self, name: str, grads: Mapping[str, Tensor] | None) -> Tensor:
         mask = self.masks[name]       # drawn whole on every rank (same generator), then this rank's part
-        return self.engine.shard(name, torch.rand(self.shapes[name], generator=self.generator)).to(mask.device)
+        scores = torch.rand(self._numel[name], generator=self.generator)    # in group order (see _in_group_order)
+        return self.engine.shard(name, self._from_group_order(name, scores)).to(mask.device)
 
 
 @register_method

@@ -13,8 +13,12 @@ never cross a row, and keeps the same number active in every group:
   layer's rows is what cuSPARSELt and ``torch.sparse.to_sparse_semi_structured`` accelerate; a
   conv's groups run along its flattened in_channels x kh x kw, which no exported format speeds up).
 
+A weight stored (in, out) (Hugging Face's ``Conv1D``) is grouped as its transpose, along its input
+dimension (``rigl_ds.core.sparsifier.group_shape``): a ``fan_in`` group is one of its columns.
+
 Because groups never cross a row and FSDP2 shards by rows, a grouped selection is local to the rank
-that holds the rows; only the whole-layer group spans ranks. The selection rule itself is
+that holds the rows; only the whole-layer group spans ranks (and the groups of a weight stored
+(in, out), which the sparsifier selects from the whole layer). The selection rule itself is
 :func:`rigl_ds.core.selection.select_grouped`.
 """
 from __future__ import annotations

@@ -9,16 +9,21 @@ import torch.nn.functional as F
 from rigl_ds import RigL
 from tests.distributed.harness import run_ranks
 from tests.distributed.test_ddp import STEPS, assert_equal_run, single_process, sparsifier
-from tests.helpers import NoBNCNN, assert_grown_state_reset, batch, poison_inactive
+from tests.helpers import Conv1D, NoBNCNN, assert_grown_state_reset, batch, poison_inactive
 
 pytestmark = pytest.mark.distributed
 
 CLASSES = 7
 
 
-def make_model(dtype=torch.float64) -> NoBNCNN:
+def make_model(dtype=torch.float64, conv1d=False) -> NoBNCNN:
+    """``conv1d``: fc1 as Hugging Face's Conv1D (the same map, its weight stored (in, out)), whose
+    structure groups run along dim 0, across FSDP2's row shards."""
     torch.manual_seed(0)
-    return NoBNCNN(num_classes=CLASSES).to(dtype)
+    model = NoBNCNN(num_classes=CLASSES).to(dtype)
+    if conv1d:
+        model.fc1 = Conv1D.from_linear(model.fc1)
+    return model
 
 
 def data(t: int, dtype=torch.float64):
@@ -53,14 +58,14 @@ def shard_states(model, opt, sp) -> dict[str, list[torch.Tensor]]:
                 if torch.is_tensor(v) and v.shape == params[n].shape] for n in sp.masks}
 
 
-def fsdp_worker(rank, world, selection, method="rigl"):
+def fsdp_worker(rank, world, selection, method="rigl", conv1d=False):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     from rigl_ds.engines.fsdp2 import FSDP2Engine
 
     mesh = init_device_mesh("cpu", (world,))
-    model = make_model()
+    model = make_model(conv1d=conv1d)
     for m in (model.conv1, model.conv2, model.fc1, model.fc2):
         fully_shard(m, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -119,6 +124,24 @@ def test_fsdp2_equals_single_process(world, selection, method):
     for masks, weights, last in run_ranks(fsdp_worker, selection, method, world=world):
         assert_equal_run(masks, weights, ref_masks, ref_w)
         assert last == ref_last                    # churn counted over all shards
+
+
+@pytest.mark.parametrize("world,method", [(3, "rigl+fan_in"), (2, "set+2:4")],
+                         ids=["3-ranks-uneven-conv1d-fan-in", "2-ranks-conv1d-2:4"])
+def test_fsdp2_conv1d_structure_equals_single_process(world, method):
+    """fc1 stored (in, out): its fan_in columns / 2:4 blocks along dim 0 cross the row shards (256 rows
+    on 3 ranks: 86, 86, 84), and the masks still equal one process's, which equal the Linear's
+    transposed (tests/unit/test_transformers.py)."""
+    ref_masks, ref_w, ref_last = single_process(model=make_model(conv1d=True), data=data, method=method)
+    assert len(ref_masks) == 4 and ref_last["churn"] > 0
+    fc1 = ref_masks[-1]["fc1.weight"]                       # (in, out): groups along dim 0
+    if method.endswith("fan_in"):
+        assert len(set(fc1.sum(0).tolist())) == 1
+    else:
+        assert fc1.t().reshape(-1, 4).sum(1).eq(2).all()
+    for masks, weights, last in run_ranks(fsdp_worker, "sharded", method, True, world=world):
+        assert_equal_run(masks, weights, ref_masks, ref_w)
+        assert last == ref_last
 
 
 def sparse_then_sharded_worker(rank, world):

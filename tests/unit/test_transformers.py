@@ -9,20 +9,7 @@ from torch import nn
 from rigl_ds import RigL
 from rigl_ds.core.layers import select_layers
 from rigl_ds.core.structures import StructureError
-
-
-class Conv1D(nn.Module):
-    """The layout of Hugging Face's GPT-2 ``Conv1D`` (weight (in, out), y = x @ W + b), without
-    importing transformers: rigl_ds recognises it by name and layout."""
-
-    def __init__(self, nf: int, nx: int) -> None:
-        super().__init__()
-        self.nf = nf
-        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.02)
-        self.bias = nn.Parameter(torch.zeros(nf))
-
-    def forward(self, x):
-        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], self.nf)
+from tests.helpers import Conv1D
 
 
 class TinyLM(nn.Module):
@@ -105,10 +92,64 @@ def test_rigl_keeps_masked_attention_and_conv1d_weights_at_zero_with_exact_count
     assert sp.nnz["block.self_attn.in_proj_weight"] < 48 * 16
 
 
-def test_a_structure_on_a_transposed_conv1d_is_refused_by_name():
-    with pytest.raises(StructureError, match=r"'c_fc.weight' is stored \(in, out\) \(Hugging Face Conv1D\)"):
-        RigL(TinyLM(), None, total_steps=20, sparsity=0.75, structure="fan_in")
-    RigL(TinyLM(), None, total_steps=20, sparsity=0.75, structure="fan_in", exclude=["c_fc"])
+class OneLayer(nn.Module):
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+
+def run_masks(layer: nn.Module, method: str, structure: str, transpose: bool) -> list[torch.Tensor]:
+    """``method`` with ``structure`` on one layer whose weight and gradients are set, not computed
+    (the same numbers for a Linear and, transposed, for the Conv1D holding its transpose): each
+    update's mask in the Linear's (out, in) layout."""
+    from rigl_ds.core.methods import get_method
+
+    model = OneLayer(layer)
+    w = model.layer.weight
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    kw = dict(sparsity=0.5, distribution="uniform") if ":" in structure else dict(sparsity=0.75)
+    sp = get_method(method)(model, opt, total_steps=24, delta=3, structure=structure, seed=4, **kw)
+    out = [sp.masks["layer.weight"].clone()]
+    for t in range(24):
+        g = torch.randn(24, 16, generator=torch.Generator().manual_seed(t))
+        w.grad = g.t().clone() if transpose else g
+        if sp.step():
+            opt.step()
+        if sp.last_update and sp.last_update["step"] == t:
+            out.append(sp.masks["layer.weight"].clone())
+    return [m.t() if transpose else m for m in out]
+
+
+@pytest.mark.parametrize("method,structure", [("rigl", "fan_in"), ("set", "2:4"), ("gmp", "fan_in"),
+                                              ("gmp", "2:4")])
+def test_a_structure_groups_a_conv1d_along_its_input_dim_as_the_linear_of_its_transpose(method, structure):
+    """A Conv1D (weight stored (in, out)) gets exactly the masks of the nn.Linear holding its
+    transpose: fan_in keeps the same count in every output column, 2:4 two of every 4 consecutive
+    inputs, at the start and after every update."""
+    torch.manual_seed(0)
+    linear = nn.Linear(16, 24, bias=False)
+    conv = Conv1D.from_linear(linear)
+    want = run_masks(linear, method, structure, transpose=False)
+    got = run_masks(conv, method, structure, transpose=True)
+    assert len(want) == (7 if method == "gmp" else 6)            # the start and each update (t_end 0.75)
+    changed = 0
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert torch.equal(g, w), i
+        changed += int(i > 0 and not torch.equal(w, want[i - 1]))
+        if structure == "fan_in":
+            assert len(set(w.sum(1).tolist())) == 1, i            # per output: the Conv1D's columns
+        if structure == "2:4":                                   # along each output's inputs: the Conv1D's dim 0
+            assert len(set(w.reshape(-1, 4).sum(1).tolist())) == 1, i     # (GMP: 4, 3, then 2 of every 4)
+    assert changed >= 2                                          # masks moved (GMP 2:4: 4 -> 3 -> 2)
+    if structure == "2:4":
+        assert want[-1].reshape(-1, 4).sum(1).eq(2).all()
+
+
+def test_neuron_ablation_on_a_transposed_conv1d_is_refused_by_name():
+    with pytest.raises(StructureError, match=r"gamma_sal=0.9 .* \(Hugging Face Conv1D\): c_fc.weight"):
+        RigL(TinyLM(), None, total_steps=20, sparsity=0.75, structure="fan_in", gamma_sal=0.9,
+             include=["lm_head"])
+    RigL(TinyLM(), None, total_steps=20, sparsity=0.75, structure="fan_in", gamma_sal=0.9, exclude=["c_fc"])
 
 
 def test_flops_count_attention_projections_conv1d_and_scores_by_hand():
