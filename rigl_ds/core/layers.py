@@ -37,9 +37,10 @@ ATTENTION_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj
 def is_hf_conv1d(module: nn.Module) -> bool:
     """Hugging Face's ``Conv1D`` (GPT-2's projections: a linear map whose weight is stored (in, out)),
     recognised without importing transformers, also when FSDP2's ``fully_shard`` has swapped its
-    class for a subclass (``FSDPConv1D``)."""
+    class for a subclass (``FSDPConv1D``), or ZeRO-3 has partitioned its weight (full shape in ``ds_shape``)."""
+    w = getattr(module, "weight", None)
     return any(c.__name__ == "Conv1D" for c in type(module).__mro__) and hasattr(module, "nf") and \
-        isinstance(getattr(module, "weight", None), nn.Parameter) and module.weight.dim() == 2
+        isinstance(w, nn.Parameter) and len(getattr(w, "ds_shape", None) or w.shape) == 2
 
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:

@@ -83,6 +83,7 @@ class DeepSpeedEngineAdapter(WholeMasks):
         self._float_masks: dict[str, tuple[Tensor, int, Tensor]] = {}   # CPU, small layers: mask in the grad's dtype
         self._dense_passed = False
         self._changed_since_backward = False     # masks changed after the hook masked this step's gradients
+        self._writes_suspended = False           # keeping_loaded_state()
         self.dense_grad_wanted: Callable[[], bool] = lambda: True
 
     def _param(self, name: str) -> nn.Parameter:
@@ -133,6 +134,8 @@ class DeepSpeedEngineAdapter(WholeMasks):
 
     @torch.no_grad()
     def apply_mask(self, name: str, mask: Tensor) -> None:
+        if self._writes_suspended:
+            return
         u = _ds_utils()
         p = self._param(name)
         w = u.safe_get_full_fp32_param(p)
@@ -166,6 +169,8 @@ class DeepSpeedEngineAdapter(WholeMasks):
 
     @torch.no_grad()
     def reset_optimizer_state(self, name: str, keep: Tensor) -> None:
+        if self._writes_suspended:
+            return
         self._link_loaded_optimizer_state()
         u = _ds_utils()
         p = self._param(name)
@@ -236,16 +241,30 @@ class DeepSpeedEngineAdapter(WholeMasks):
             else:
                 del opt.step
 
-    def step(self, apply: bool = True) -> None:
-        """``engine.step()`` at an accumulation boundary; ``apply=False`` skips the optimizer update."""
+    def step(self, apply: bool = True, step_fn: Callable[[], Any] | None = None) -> None:
+        """``engine.step()`` at an accumulation boundary; ``apply=False`` skips the optimizer update.
+        ``step_fn``: what to call instead of ``engine.step`` (the original method, where the step of
+        the engine has been wrapped: the Hugging Face Trainer's DeepSpeed setting)."""
         self._dense_passed = self._changed_since_backward = False
+        step_fn = self.ds.step if step_fn is None else step_fn
         if apply:
-            self.ds.step()
+            step_fn()
         else:
             with self._inner_step_disabled():
-                self.ds.step()
+                step_fn()
         for fn in self._post_step:
             fn()
+
+    @contextlib.contextmanager
+    def keeping_loaded_state(self) -> Iterator[None]:
+        """Within: masks are not written to weights or optimizer state (``apply_mask`` and
+        ``reset_optimizer_state`` do nothing). For building a sparsifier over a checkpoint just
+        loaded, whose own masks :meth:`Sparsifier.load_state_dict` applies next."""
+        self._writes_suspended = True
+        try:
+            yield
+        finally:
+            self._writes_suspended = False
 
 
 class DeepSpeedRuntime(DistributedRuntime):

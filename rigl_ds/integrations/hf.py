@@ -17,12 +17,26 @@ Under several processes (torchrun, ``accelerate launch``: DDP) masks are broadca
 checked equal on every update. Gradients are masked as backward produces them, so the Trainer's
 ``max_grad_norm`` clips by the norm of the masked gradient, as ``rigl-ds train`` does (a difference:
 with ``grad_accumulation_n`` > 1 the steps just before an update, whose dense gradients feed the
-grow score, are clipped by the dense norm). Not built yet:
-the Trainer's DeepSpeed and FSDP settings, and fp16 (its GradScaler refuses a step without
-gradients); they are refused at the start of training with that message. Use bf16 or fp32.
+grow score, are clipped by the dense norm).
+
+The Trainer's DeepSpeed setting (``TrainingArguments(deepspeed=...)``, ZeRO 0-3) needs the Trainer
+itself, whose DeepSpeed engine exists only once training begins::
+
+    trainer = Trainer(model, args, train_dataset=ds)
+    RigLCallback(sparsity=0.9).attach(trainer)
+
+Accelerate runs that engine's ``step()`` inside ``accelerator.backward``, before the callback's
+``on_pre_optimizer_step``; so the callback wraps that one engine's ``step`` (an instance attribute,
+removed at ``on_train_end``): the sparsifier steps first, through the same DeepSpeed adapter as
+``rigl-ds train`` (gradients masked by tensor hooks before ZeRO reduces them, dense gradients read
+with ``safe_get_full_grad``, masks written to the fp32 masters and optimizer state), and a mask
+update runs the engine's step with the optimizer update skipped. Not built yet: the Trainer's FSDP
+setting, and fp16 without DeepSpeed (its GradScaler refuses a step without gradients); they are
+refused at the start of training with that message. Use bf16 or fp32.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -116,29 +130,32 @@ class RigLCallback(TrainerCallback):
         self.resume_from = resume_from
         self.sparsifier = None
         self._model = None
+        self._trainer = None
+        self._ds_engine = None          # the DeepSpeed engine whose step this callback wraps
+
+    def attach(self, trainer) -> "RigLCallback":
+        """Add this callback to ``trainer`` and keep the trainer, whose DeepSpeed engine (made when
+        training begins) the Trainer's DeepSpeed setting needs; returns the callback. Under DDP
+        ``callbacks=[RigLCallback(...)]`` is the same."""
+        trainer.add_callback(self)
+        self._trainer = trainer
+        return self
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
-            raise ValueError("RigLCallback: the Trainer's DeepSpeed and FSDP settings are not supported yet (use "
-                             "torchrun/accelerate DDP, or rigl-ds train with engine.name=deepspeed or fsdp2)")
+        if getattr(args, "fsdp", None):
+            raise ValueError("RigLCallback: the Trainer's FSDP setting is not supported yet (use its DeepSpeed "
+                             "setting, torchrun/accelerate DDP, or rigl-ds train with engine.name=fsdp2)")
+        if getattr(args, "deepspeed", None):
+            return self._begin_deepspeed(args, state, control)
         if getattr(args, "fp16", False):
             raise ValueError("RigLCallback: fp16 is not supported (its GradScaler refuses the skipped optimizer "
                              "step of a mask update); use bf16=True or fp32")
         if model is None or optimizer is None:
             raise ValueError("RigLCallback needs the Trainer's model and optimizer at on_train_begin")
         self._model = model
-        resuming = state.global_step > 0        # the Trainer has loaded a checkpoint's weights and optimizer
+        saved = self._resume_file(args, state)     # the Trainer has loaded a checkpoint's weights and optimizer
+        resuming = saved is not None
         if resuming:
-            folder = self.resume_from or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-            path = os.path.join(folder, STATE_FILE)
-            if not os.path.isfile(path):
-                raise ckpt.CheckpointError(f"RigLCallback: resuming at step {state.global_step}, but {path} does not "
-                                           "exist (written without RigLCallback? resuming from another folder: "
-                                           "RigLCallback(resume_from=that folder))")
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            if int(saved.get("step", -1)) != state.global_step:
-                raise ckpt.CheckpointError(f"RigLCallback: {path} is of step {saved.get('step')}, the Trainer resumes at "
-                                           f"step {state.global_step} (a file of another run?)")
             # building the sparsifier draws and applies the initial masks: keep what the Trainer loaded
             inner = unwrap_optimizer(optimizer)
             weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -149,10 +166,66 @@ class RigLCallback(TrainerCallback):
             model.load_state_dict(weights)
             inner.load_state_dict(moments)
             self.sparsifier.load_state_dict(saved, reset_optimizer_state=False)   # saved with these masks
-            logger.info("RigLCallback: masks of step %d loaded from %s", state.global_step, path)
+        return control
+
+    def _resume_file(self, args, state) -> dict | None:
+        """The sparsifier state of the checkpoint the Trainer resumed from (None on a fresh start)."""
+        if state.global_step == 0:
+            return None
+        folder = self.resume_from or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        path = os.path.join(folder, STATE_FILE)
+        if not os.path.isfile(path):
+            raise ckpt.CheckpointError(f"RigLCallback: resuming at step {state.global_step}, but {path} does not "
+                                       "exist (written without RigLCallback? resuming from another folder: "
+                                       "RigLCallback(resume_from=that folder))")
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if int(saved.get("step", -1)) != state.global_step:
+            raise ckpt.CheckpointError(f"RigLCallback: {path} is of step {saved.get('step')}, the Trainer resumes at "
+                                       f"step {state.global_step} (a file of another run?)")
+        logger.info("RigLCallback: masks of step %d read from %s", state.global_step, path)
+        return saved
+
+    def _begin_deepspeed(self, args, state, control):
+        """The Trainer's DeepSpeed setting: Accelerate calls ``engine.step()`` inside
+        ``accelerator.backward``, before ``on_pre_optimizer_step``; so the engine's ``step`` is
+        wrapped (on this engine only): the sparsifier steps first, and a mask update runs the
+        engine's step with the optimizer update skipped, as ``rigl-ds train`` does."""
+        from deepspeed import DeepSpeedEngine
+
+        from rigl_ds.engines.deepspeed import DeepSpeedEngineAdapter
+
+        engine = getattr(self._trainer, "model_wrapped", None)
+        if not isinstance(engine, DeepSpeedEngine):
+            raise ValueError("RigLCallback under the Trainer's DeepSpeed setting needs the Trainer, whose DeepSpeed "
+                             "engine exists only once training begins: RigLCallback(...).attach(trainer) instead "
+                             f"of callbacks=[RigLCallback(...)] (found {type(engine).__name__})")
+        saved = self._resume_file(args, state)
+        adapter = DeepSpeedEngineAdapter(engine)
+        self._model = engine.module
+        with adapter.keeping_loaded_state() if saved is not None else contextlib.nullcontext():
+            # on resume the engine has loaded its checkpoint: the initial masks must not touch it
+            self.sparsifier = build_sparsifier(engine.module, adapter.base_optimizer, self.config,
+                                               total_steps=int(state.max_steps), engine=adapter)
+        if saved is not None:
+            self.sparsifier.load_state_dict(saved, reset_optimizer_state=False)    # saved with these masks
+        original = engine.step
+
+        def step(*a, **kw):
+            adapter.step(self.sparsifier.step(), step_fn=lambda: original(*a, **kw))
+
+        engine.step = step                  # an instance attribute: on_train_end removes it
+        self._ds_engine = engine
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._ds_engine is not None:
+            del self._ds_engine.step
+            self._ds_engine = None
         return control
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self._ds_engine is not None:     # DeepSpeed: the engine's step has run, through the wrapper
+            return control
         if not self.sparsifier.step():      # a mask update: this optimizer step must change nothing
             for p in self._model.parameters():
                 p.grad = None

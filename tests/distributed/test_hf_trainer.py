@@ -1,6 +1,7 @@
-"""The Hugging Face Trainer with RigLCallback on 2 CPU ranks (torchrun, DDP over gloo), a small random
-GPT-2 (no download): both ranks hold the same masks and weights, with the planned counts, measured;
-a run resumed from its step-6 checkpoint ends equal to the straight one."""
+"""The Hugging Face Trainer with RigLCallback on 2 CPU ranks (torchrun over gloo; DDP, and the Trainer's
+DeepSpeed ZeRO-3 setting), a small random GPT-2 (no download): both ranks hold the same masks and
+weights, with the planned counts, measured; the mask-update step moves nothing but the dropped
+weights; a run resumed from its step-6 checkpoint ends equal to the straight one."""
 import os
 import pathlib
 import shutil
@@ -28,9 +29,21 @@ def torchrun(out: pathlib.Path, *extra: str):
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
 
 
-def test_two_ranks_share_masks_and_resume_exactly(tmp_path):
-    a, b = torchrun(tmp_path / "straight")
+@pytest.mark.parametrize("engine", ["ddp", "deepspeed"])
+def test_two_ranks_share_masks_and_resume_exactly(tmp_path, engine):
+    flag = ("--deepspeed",) if engine == "deepspeed" else ()
+    if flag:
+        pytest.importorskip("deepspeed")
+    a, b = torchrun(tmp_path / "straight", *flag)
     assert a["world"] == b["world"] == 2 and a["steps"] == 12
+    # the update (t=3) is step 4: it zeroes what it drops and skips the optimizer step
+    assert a["update4"]["step"] == 3 and a["update4"]["churn"] > 0
+    dropped = 0
+    for n, w in a["after3"].items():
+        m = a["masks4"].get(n)
+        assert torch.equal(a["after4"][n], w if m is None else w * m), n
+        dropped += 0 if m is None else int(torch.count_nonzero(w[~m]))
+    assert dropped > 0
     for n, m in a["masks"].items():
         assert torch.equal(m, b["masks"][n]), n
         assert int(m.sum()) == a["nnz"][n] == m.numel() - int(0.8 * m.numel())
@@ -39,7 +52,7 @@ def test_two_ranks_share_masks_and_resume_exactly(tmp_path):
     planned = sum(a["nnz"].values()) / sum(m.numel() for m in a["masks"].values())
     assert a["density"] == pytest.approx(planned, abs=1e-12) and a["nonzero"] <= a["density"]
     shutil.copytree(tmp_path / "straight" / "checkpoint-6", tmp_path / "resumed" / "checkpoint-6")
-    r0, r1 = torchrun(tmp_path / "resumed", str(tmp_path / "resumed" / "checkpoint-6"))
+    r0, r1 = torchrun(tmp_path / "resumed", str(tmp_path / "resumed" / "checkpoint-6"), *flag)
     for n in a["masks"]:
         assert torch.equal(r0["masks"][n], a["masks"][n]) and torch.equal(r1["masks"][n], a["masks"][n]), n
     for n, w in a["weights"].items():

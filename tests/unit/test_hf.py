@@ -159,7 +159,7 @@ def test_trainer_resumed_from_a_checkpoint_equals_the_straight_run(tmp_path, met
     assert resumed.sparsifier.step_count == 12
 
 
-def test_trainer_callback_refuses_fp16_and_a_resume_without_its_file(tmp_path):
+def test_trainer_callback_refuses_fp16_fsdp_deepspeed_unattached_and_a_resume_without_its_file(tmp_path):
     from rigl_ds.checkpoint import CheckpointError
     from rigl_ds.integrations.hf import STATE_FILE, RigLCallback
 
@@ -171,6 +171,13 @@ def test_trainer_callback_refuses_fp16_and_a_resume_without_its_file(tmp_path):
     tr = trainer(tmp_path / "c", [RigLCallback(sparsity=0.8, delta=3)])
     tr.args.fp16 = True
     with pytest.raises(ValueError, match="fp16 is not supported"):
+        RigLCallback(sparsity=0.8).on_train_begin(tr.args, tr.state, tr.control, model=tr.model, optimizer=None)
+    tr.args.fp16 = False
+    tr.args.fsdp = "full_shard"
+    with pytest.raises(ValueError, match="FSDP setting is not supported yet"):
+        RigLCallback(sparsity=0.8).on_train_begin(tr.args, tr.state, tr.control, model=tr.model, optimizer=None)
+    tr.args.fsdp, tr.args.deepspeed = None, {"zero_optimization": {"stage": 3}}
+    with pytest.raises(ValueError, match=r"needs the Trainer.*RigLCallback\(...\).attach\(trainer\).*found NoneType"):
         RigLCallback(sparsity=0.8).on_train_begin(tr.args, tr.state, tr.control, model=tr.model, optimizer=None)
 
 
