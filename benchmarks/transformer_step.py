@@ -76,7 +76,7 @@ def worker(rank: int, world: int, port: int, args, queue) -> None:
     for v in VARIANTS:
         torch.manual_seed(0)
         model = GPT(vocab=256, context=args.seq_len, n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, fused=True if args.fused else None)
         if args.engine == "zero3":
             import deepspeed
 
@@ -179,6 +179,9 @@ def main() -> None:
     ap.add_argument("--period", type=int, default=100, help="delta T for the whole-run extrapolation")
     ap.add_argument("--warmup", type=int, default=4, help="steps not timed")
     ap.add_argument("--repeats", type=int, default=1, help="fresh 2-rank runs; the median ratio is reported")
+    ap.add_argument("--fused", action="store_true",
+                    help="AdamW(fused=True): torch's fused kernel (on a CPU 10x faster than the default single-tensor "
+                         "loop, and without its slow sqrt of the zero second moments under the masks)")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--profile-steps", type=int, default=5)
     ap.add_argument("--profile-top", type=int, default=15)
