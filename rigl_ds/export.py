@@ -18,8 +18,9 @@ Formats (``FORMATS``):
 Every format is one safetensors file (no pickle: loading runs no code), with the format and the
 replaced layers in its metadata. :func:`load_exported` rebuilds the exported model from the
 original one. The tests check the outputs of dense, condensed and csr against the masked dense
-model (1e-5, fp32). Only plain ``nn.Linear`` modules are replaced (a subclass's owner may use its
-weight directly, as ``nn.MultiheadAttention`` does with ``out_proj``); the replacements still offer a
+model (1e-5, fp32). Only plain ``nn.Linear`` modules and Hugging Face's ``Conv1D`` (GPT-2; the same
+map with its weight stored transposed) are replaced (a Linear subclass's owner may use its weight
+directly, as ``nn.MultiheadAttention`` does with ``out_proj``); the replacements still offer a
 dense ``.weight`` on demand for owners that inspect it (``nn.TransformerEncoderLayer``).
 """
 from __future__ import annotations
@@ -216,6 +217,25 @@ def _replace(model: nn.Module, module_name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
+def _as_linear(module: nn.Module) -> nn.Linear | None:
+    """``module`` as the ``nn.Linear`` it computes: itself for a plain ``nn.Linear``; for Hugging
+    Face's ``Conv1D`` (weight stored (in, out), ``y = x W + b``) a Linear holding the transpose (the
+    same map); None for anything else (convolutions, Linear subclasses: a subclass's owner may read
+    its ``.weight`` directly, as ``nn.MultiheadAttention`` does with ``out_proj``)."""
+    from rigl_ds.core.layers import is_hf_conv1d
+
+    if type(module) is nn.Linear:
+        return module
+    if is_hf_conv1d(module):
+        nx, nf = module.weight.shape
+        lin = nn.Linear(nx, nf, bias=getattr(module, "bias", None) is not None, device="meta")
+        lin.weight = nn.Parameter(module.weight.detach().t().contiguous(), requires_grad=False)
+        if lin.bias is not None:
+            lin.bias = nn.Parameter(module.bias.detach(), requires_grad=False)
+        return lin
+    return None
+
+
 def _is_two_four(mask: Tensor) -> bool:
     return mask.shape[-1] % 4 == 0 and bool((mask.reshape(-1, 4).sum(1) <= 2).all())
 
@@ -243,10 +263,12 @@ def convert(model: nn.Module, masks: Mapping[str, Tensor], fmt: str) -> tuple[nn
                           "condensed or csr (or dense)")
     for name, mask in masks.items():
         module_name, module = _module_of(model, name)
-        if type(module) is not nn.Linear or name != f"{module_name}.weight" or bool(mask.all()):
-            # convolutions, dense layers and Linear subclasses stay as they are: a subclass's owner may
-            # read its .weight directly (nn.MultiheadAttention's out_proj does)
-            continue
+        linear = _as_linear(module)
+        if linear is None or name != f"{module_name}.weight" or bool(mask.all()):
+            continue                        # convolutions, dense layers and Linear subclasses stay as they are
+        if linear is not module:            # Conv1D: its mask in the Linear's (out, in) layout
+            mask = mask.t()
+        module = linear
         mask = mask.to(module.weight.device)
         if fmt == "condensed":
             new: nn.Module = CondensedLinear.from_linear(module, mask)
@@ -326,10 +348,11 @@ def load_exported(model: nn.Module, path: str | pathlib.Path) -> nn.Module:
         model.load_state_dict(state, strict=True)
         model.half().cuda()
     for module_name, kind in meta["replaced"].items():
-        old = model.get_submodule(module_name)
-        if not isinstance(old, nn.Linear):
-            raise ExportError(f"{path}: layer {module_name!r} is {type(old).__name__} in this model, the export "
-                              "replaced an nn.Linear (another model?)")
+        found = model.get_submodule(module_name)
+        old = _as_linear(found) if not isinstance(found, nn.Linear) else found
+        if old is None:
+            raise ExportError(f"{path}: layer {module_name!r} is {type(found).__name__} in this model, the export "
+                              "replaced an nn.Linear or a Hugging Face Conv1D (another model?)")
         if kind.startswith("condensed:"):
             fan_in = int(kind.split(":")[1])
             if not 0 < fan_in <= old.in_features:

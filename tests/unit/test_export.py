@@ -14,6 +14,7 @@ from rigl_ds import RigL, Static
 from rigl_ds.cli import main
 from rigl_ds.export import (CondensedLinear, CSRLinear, ExportError, convert, export, load_exported, read_metadata,
                             save_exported)
+from tests.helpers import Conv1D
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 QUICK = str(ROOT / "configs" / "quickstart.yaml")
@@ -87,6 +88,42 @@ def test_a_transformer_layer_exports_and_attention_keeps_its_own_projection(fmt)
     with torch.inference_mode():
         torch.testing.assert_close(out.eval()(x), ref.eval()(x), rtol=1e-5, atol=1e-5)
     assert torch.equal(out.linear1.weight, ref.linear1.weight * sp.masks["linear1.weight"])
+
+
+def gpt2_mlp(seed=0):
+    """Hugging Face GPT-2's MLP layout: two Conv1D (weights stored (in, out)) around a GELU."""
+    torch.manual_seed(seed)
+    return nn.Sequential(Conv1D(96, 64), nn.GELU(), Conv1D(64, 96))
+
+
+@pytest.mark.parametrize("structure,fmt", [("fan_in", "condensed"), ("fan_in", "csr"), ("unstructured", "condensed")])
+def test_a_conv1d_exports_as_the_linear_of_its_transpose(structure, fmt, tmp_path):
+    """A Conv1D becomes a CondensedLinear / CSRLinear of its transpose: a fan_in-trained one (groups
+    along its dim 0) condenses exactly to its fan-in; outputs equal the masked dense model's, also
+    after loading the file into a fresh instance."""
+    model = gpt2_mlp()
+    sp = RigL(model, None, total_steps=10, sparsity=0.75, distribution="uniform", structure=structure)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.normal_()
+            if n in sp.masks:
+                p.mul_(sp.masks[n])
+    ref = gpt2_mlp()
+    ref.load_state_dict(model.state_dict())
+    out, replaced = convert(model, sp.masks, fmt)
+    assert sorted(replaced) == ["0", "2"]
+    if fmt == "condensed":
+        assert isinstance(out[0], CondensedLinear) and (out[0].in_features, out[0].out_features) == (64, 96)
+        per_output = sp.masks["0.weight"].sum(0)              # (in, out): an output's active inputs, down dim 0
+        assert out[0].fan_in == int(per_output.max())
+        if structure == "fan_in":
+            assert out[0].fan_in == 16 and bool((per_output == 16).all())
+    path = save_exported(out, replaced, fmt, tmp_path / "m.safetensors")
+    loaded = load_exported(gpt2_mlp(seed=3), path)
+    for shape in [(1, 64), (2, 5, 64)]:
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(out(x), ref(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(loaded(x), ref(x), rtol=1e-5, atol=1e-5)
 
 
 def test_dense_export_loads_into_torchvision_resnet50_strictly(tmp_path):
