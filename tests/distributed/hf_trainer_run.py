@@ -1,7 +1,8 @@
 """Run by tests/distributed/test_hf_trainer.py under torchrun (2 CPU ranks, gloo): the Hugging Face
 Trainer with RigLCallback on a small random GPT-2; each rank saves its masks, a measured density and
-its final weights to OUT/rank<r>.pt. Arguments: OUT [resume-checkpoint-folder] [--deepspeed]: with
---deepspeed the Trainer's DeepSpeed setting (ZeRO-3, its AdamW), the callback attached to the Trainer."""
+its final weights to OUT/rank<r>.pt. Arguments: OUT [resume-checkpoint-folder] [--deepspeed] [--accum]:
+with --deepspeed the Trainer's DeepSpeed setting (ZeRO-3, its AdamW), the callback attached to the
+Trainer; with --accum 2 micro-batches of 2 per optimizer step instead of one of 4."""
 import contextlib
 import os
 import sys
@@ -41,8 +42,8 @@ class Snapshots(TrainerCallback):
 
 
 def main() -> None:
-    deepspeed = "--deepspeed" in sys.argv
-    argv = [a for a in sys.argv[1:] if a != "--deepspeed"]
+    deepspeed, accum = "--deepspeed" in sys.argv, "--accum" in sys.argv
+    argv = [a for a in sys.argv[1:] if a not in ("--deepspeed", "--accum")]
     out, resume = argv[0], (argv[1] if len(argv) > 1 else None)
     ds_config = None
     if deepspeed:
@@ -57,7 +58,8 @@ def main() -> None:
     torch.manual_seed(int(os.environ.get("RANK", "0")))        # different inits: DDP starts from rank 0's
     model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32, bos_token_id=0,
                                        eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
-    args = TrainingArguments(output_dir=out, max_steps=12, per_device_train_batch_size=4, learning_rate=1e-2,
+    args = TrainingArguments(output_dir=out, max_steps=12, per_device_train_batch_size=2 if accum else 4,
+                             gradient_accumulation_steps=2 if accum else 1, learning_rate=1e-2,
                              save_steps=6, save_strategy="steps", logging_strategy="no", report_to=[], use_cpu=True,
                              seed=3, data_seed=3, lr_scheduler_type="constant", dataloader_num_workers=0,
                              disable_tqdm=True, ddp_backend="gloo", deepspeed=ds_config)
