@@ -30,7 +30,7 @@ from rigl_ds.core.layers import MaskedLayer
 
 from . import EngineError
 from .dist_utils import DistributedRuntime, broadcast_masks, check_masks_equal
-from .local import ZERO_PRESERVING_OPTIMIZERS, LocalEngine, MaskMultiplier
+from .local import ZERO_PRESERVING_OPTIMIZERS, FloatMasks, LocalEngine, MaskMultiplier
 
 
 def init_deepspeed_comm(backend: str = "gloo") -> None:
@@ -80,7 +80,7 @@ class DeepSpeedEngineAdapter(WholeMasks):
         self._hook_handles: list = []
         self._post_step: list[Callable[[], None]] = []
         self._mul = MaskMultiplier()
-        self._float_masks: dict[str, tuple[Tensor, int, Tensor]] = {}   # CPU, small layers: mask in the grad's dtype
+        self._float = FloatMasks(LocalEngine.FUSE_BELOW)   # CPU, small layers: mask in the gradient's dtype
         self._dense_passed = False
         self._changed_since_backward = False     # masks changed after the hook masked this step's gradients
         self._writes_suspended = False           # keeping_loaded_state()
@@ -98,7 +98,7 @@ class DeepSpeedEngineAdapter(WholeMasks):
         self._layers, self._masks, self.dense_grad_wanted = list(layers), masks, dense_grad_wanted
         for h in self._hook_handles:
             h.remove()
-        self._float_masks = {}
+        self._float.clear()
         self._hook_handles = [self._param(l.name).register_hook(self._make_hook(l.name)) for l in layers]
 
     def _make_hook(self, name: str) -> Callable[[Tensor], Tensor]:
@@ -112,17 +112,11 @@ class DeepSpeedEngineAdapter(WholeMasks):
     def _masked(self, name: str, grad: Tensor) -> Tensor:
         """A new tensor: ``grad`` zeroed outside the layer's mask (a tensor hook may not modify its
         argument). On CPU a bool multiply is not vectorised (``grad * mask`` costs 4.5-8x a float
-        multiply, ``benchmarks/mask_kernels.py``): small layers multiply by a copy of the mask in the gradient's dtype, refreshed
-        when the mask tensor changes (its version counter), larger ones take
-        :class:`~rigl_ds.engines.local.MaskMultiplier`'s chunk loop; on a GPU one ``torch.where``."""
+        multiply, ``benchmarks/mask_kernels.py``): small layers multiply by a copy of the mask in the
+        gradient's dtype (:class:`~rigl_ds.engines.local.FloatMasks`, as the local engine), larger ones
+        take :class:`~rigl_ds.engines.local.MaskMultiplier`'s chunk loop; on a GPU one ``torch.where``."""
         mask = self._masks[name]
-        if grad.device.type == "cpu" and grad.is_floating_point() and mask.numel() < LocalEngine.FUSE_BELOW \
-                and mask.device == grad.device:
-            cached = self._float_masks.get(name)
-            if cached is None or cached[0] is not mask or cached[1] != mask._version or cached[2].dtype != grad.dtype:
-                cached = self._float_masks[name] = (mask, mask._version, mask.to(grad.dtype))
-            return self._mul.copy(grad, mask, cached[2])
-        return self._mul.copy(grad, mask)
+        return self._mul.copy(grad, mask, self._float.get(name, mask, grad))
 
     def weight(self, name: str) -> Tensor:
         p = self._param(name)

@@ -111,6 +111,31 @@ class MaskMultiplier:
         return out
 
 
+class FloatMasks:
+    """Copies of small CPU masks in a gradient's dtype, so that masking such a layer is one float
+    multiply (one ``_foreach_mul_`` over all of them in the local engine). A copy is remade when its
+    mask tensor is another one or has changed (its version counter: every in-place write bumps it),
+    or another dtype is asked for; so no engine has to announce mask changes to keep it current."""
+
+    def __init__(self, below: int) -> None:
+        self.below = below
+        self._copies: dict[str, tuple[Tensor, int, Tensor]] = {}
+
+    def get(self, name: str, mask: Tensor, like: Tensor) -> Tensor | None:
+        """``mask`` in ``like``'s dtype (a cached copy), or None where the float path does not apply
+        (a GPU, a large layer, a non-float tensor, another shape or device)."""
+        if not (like.device.type == "cpu" and like.is_floating_point() and mask.numel() < self.below
+                and mask.device == like.device and mask.shape == like.shape):
+            return None
+        got = self._copies.get(name)
+        if got is None or got[0] is not mask or got[1] != mask._version or got[2].dtype != like.dtype:
+            got = self._copies[name] = (mask, mask._version, mask.to(like.dtype))
+        return got[2]
+
+    def clear(self) -> None:
+        self._copies = {}
+
+
 class LocalEngine(WholeMasks):
     """Adapter for a model trained by a plain ``torch.optim`` optimizer in this process."""
 
@@ -128,7 +153,7 @@ class LocalEngine(WholeMasks):
         self._params: dict[str, nn.Parameter] = dict(model.named_parameters(remove_duplicate=True))
         self._pairs: list[tuple[nn.Parameter, Tensor]] = []
         self._mul = MaskMultiplier()
-        self._fused: dict[str, Tensor] = {}               # name -> mask in the weight's dtype (small layers)
+        self._float = FloatMasks(self.FUSE_BELOW)        # small CPU layers: masks in the gradient's dtype
         self._names: list[str] = []
         self._hooks: list = []
         self.dense_grad_wanted: Callable[[], bool] = lambda: True
@@ -143,12 +168,13 @@ class LocalEngine(WholeMasks):
              dense_grad_wanted: Callable[[], bool] = lambda: True) -> None:
         self._pairs = [(self._param(l.name), masks[l.name]) for l in layers]
         self._names = [l.name for l in layers]
-        self._fused = {}
-        for l in layers:
-            self._mask_changed(l.name, masks[l.name])
-        for p, _ in self._pairs:     # allocate the CPU masking buffers now, not on a training step
+        self._float.clear()
+        for name, (p, mask) in zip(self._names, self._pairs):
+            self._mask_changed(name, mask)
+            # allocate the CPU masking buffers and float copies now, not on a training step
             if self._mul.chunked(p):
                 self._mul.buffer(p.dtype)
+            self._float.get(name, mask, p)
         self.dense_grad_wanted = dense_grad_wanted
 
     def weight(self, name: str) -> Tensor:
@@ -158,11 +184,8 @@ class LocalEngine(WholeMasks):
         return self._param(name).grad
 
     def _mask_changed(self, name: str, mask: Tensor) -> None:
-        """Every engine calls this where a layer's mask is (re)applied: refreshes the fused copy."""
-        p = self._param(name)
-        if p.is_floating_point() and mask.numel() < self.FUSE_BELOW and mask.device.type == "cpu" \
-                and name in self._names:
-            self._fused[name] = mask.to(dtype=p.dtype)
+        """Every engine calls this where a layer's mask is (re)applied (bound, applied, updated): a
+        hook for subclasses that track mask changes (the float copies follow by themselves)."""
 
     @torch.no_grad()
     def apply_mask(self, name: str, mask: Tensor) -> None:
@@ -210,8 +233,8 @@ class LocalEngine(WholeMasks):
             g = self._grad(param)
             if g is None:
                 continue
-            fm = self._fused.get(name)
-            if fm is not None and fm.dtype == g.dtype and fm.device == g.device and fm.shape == g.shape:
+            fm = self._float.get(name, mask, g)
+            if fm is not None:
                 grads.append(g)
                 fmasks.append(fm)
             else:

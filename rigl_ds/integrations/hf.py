@@ -82,7 +82,7 @@ class _ProcessGroupEngine(LocalEngine):
             if self.dense_grad_wanted():
                 self._dense_passed = True
                 return grad
-            return self._mul.copy(grad, mask, self._fused.get(name))   # the float copy LocalEngine keeps current
+            return self._mul.copy(grad, mask, self._float.get(name, mask, grad))
         return hook
 
     def _mask_changed(self, name: str, mask: torch.Tensor) -> None:
