@@ -94,3 +94,23 @@ def test_deepspeed_gradient_hook_masks_small_and_large_layers_and_follows_mask_c
             assert torch.equal(got[n], torch.where(m, full[n], torch.zeros(()))), n
         for m in masks.values():
             m.copy_(torch.rand(m.shape) < 0.5)                                  # changed in place
+
+
+def test_float_masks_follow_in_place_mask_changes_and_refuse_what_they_do_not_serve():
+    """The cached float copy is the mask's, in the asked dtype, and is remade after any in-place
+    write to the mask (no engine announces it); large layers and other shapes get None."""
+    from rigl_ds.engines.local import FloatMasks
+
+    cache = FloatMasks(below=100)
+    mask = torch.rand(8, 8, generator=torch.Generator().manual_seed(0)) < 0.3
+    g32, g16 = torch.randn(8, 8), torch.randn(8, 8).to(torch.bfloat16)
+    first = cache.get("w", mask, g32)
+    assert first.dtype == torch.float32 and torch.equal(first, mask.float())
+    assert cache.get("w", mask, g32) is first                      # unchanged: the same copy
+    mask[0].logical_not_()                                         # an in-place change, unannounced
+    assert torch.equal(cache.get("w", mask, g32), mask.float())
+    mask.copy_(torch.ones(8, 8, dtype=torch.bool))
+    assert torch.equal(cache.get("w", mask, g32), torch.ones(8, 8))
+    assert cache.get("w", mask, g16).dtype == torch.bfloat16
+    assert cache.get("big", torch.ones(10, 10, dtype=torch.bool), torch.randn(10, 10)) is None
+    assert cache.get("w", mask, torch.randn(4, 16)) is None          # another shape (a shard)
