@@ -60,9 +60,9 @@ def build_optimizer(cfg: ExperimentConfig, model: nn.Module) -> torch.optim.Opti
     o = cfg.optimizer
     if o.name == "sgd":
         return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
-                               weight_decay=o.weight_decay)
+                               weight_decay=o.weight_decay, fused=o.fused)
     cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
-    return cls(model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    return cls(model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, fused=o.fused)
 
 
 def lr_factor(cfg: ExperimentConfig, step: int, total_steps: int, steps_per_epoch: int) -> float:

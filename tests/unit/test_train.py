@@ -7,7 +7,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from rigl_ds.checkpoint import list_checkpoints, load
 from rigl_ds.cli import main
-from tests.compare import assert_same_run, counted_density
+from tests.compare import assert_same_run, counted_density, model_and_masks
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 QUICK = str(ROOT / "configs" / "quickstart.yaml")
@@ -208,3 +208,26 @@ def test_a_user_model_that_needs_real_tensors_trains(tmp_path):
                  f"logging.run_dir={run}"]) == 0
     result = json.loads((run / "result.json").read_text())
     assert result["steps"] == 3 and result["train_flops_ratio"] < 1.0
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_optimizer_fused_reaches_torch_and_keeps_masked_weights_zero(tmp_path, name):
+    """``optimizer.fused: true`` builds torch's fused kernel; a run through mask updates keeps every
+    masked weight at 0 with the planned density; null leaves torch's default."""
+    from rigl_ds.config import load_config
+    from rigl_ds.train import build_optimizer
+
+    model = torch.nn.Linear(4, 3)
+    fused = build_optimizer(load_config(QUICK, [f"optimizer.name={name}", "optimizer.fused=true"]), model)
+    assert fused.defaults["fused"] is True
+    assert build_optimizer(load_config(QUICK, [f"optimizer.name={name}"]), model).defaults["fused"] is None
+    run = tmp_path / "run"
+    assert main(["train", QUICK, *SHORT, f"logging.run_dir={run}", "train.max_steps=25", f"optimizer.name={name}",
+                 "optimizer.fused=true", "optimizer.lr=0.01"]) == 0
+    state = load(list_checkpoints(run / "checkpoints")[-1])
+    assert state["sparsifier"]["last_update"]["step"] == 20
+    weights, masks = model_and_masks(state)
+    for n, m in masks.items():
+        assert int(torch.count_nonzero(weights[n][~m])) == 0, n
+    active, nonzero = counted_density(state)
+    assert nonzero <= active and active == pytest.approx(0.1, abs=1e-3)
