@@ -101,7 +101,8 @@ class OptimizerSection(_Strict):
     weight_decay: float = Field(1e-4, ge=0.0)
     betas: tuple[float, float] = (0.9, 0.999)
     #: torch's fused kernel (``fused=True``, CPU and CUDA); null: torch's default (on a CPU a loop
-    #: per tensor, 10x slower for AdamW in benchmarks/mask_kernels.py). Masked zeros stay zero either way.
+    #: per tensor, 10x slower for AdamW in benchmarks/mask_kernels.py). Masked weights stay 0 with it
+    #: (tests/unit/test_train.py, one process).
     fused: Optional[bool] = None
 
 

@@ -21,7 +21,9 @@ original one. The tests check the outputs of dense, condensed and csr against th
 model (1e-5, fp32). Only plain ``nn.Linear`` modules and Hugging Face's ``Conv1D`` (GPT-2; the same
 map with its weight stored transposed) are replaced (a Linear subclass's owner may use its weight
 directly, as ``nn.MultiheadAttention`` does with ``out_proj``); the replacements still offer a
-dense ``.weight`` on demand for owners that inspect it (``nn.TransformerEncoderLayer``).
+dense ``.weight`` on demand for owners that inspect it (``nn.TransformerEncoderLayer``), in the
+Linear's (out, in) layout, also where they replaced a Conv1D (whose own weight is (in, out)).
+``semi_structured`` does not take Conv1D layers yet (an error naming the layer).
 """
 from __future__ import annotations
 
@@ -267,6 +269,10 @@ def convert(model: nn.Module, masks: Mapping[str, Tensor], fmt: str) -> tuple[nn
         if linear is None or name != f"{module_name}.weight" or bool(mask.all()):
             continue                        # convolutions, dense layers and Linear subclasses stay as they are
         if linear is not module:            # Conv1D: its mask in the Linear's (out, in) layout
+            if fmt == "semi_structured":
+                raise ExportError(f"format 'semi_structured': layer {module_name!r} is a Hugging Face Conv1D (weight "
+                                  "stored (in, out)), which this format does not take yet; use --format condensed, "
+                                  "csr or dense")
             mask = mask.t()
         module = linear
         mask = mask.to(module.weight.device)

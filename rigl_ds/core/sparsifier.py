@@ -32,7 +32,7 @@ from .layers import MaskedLayer, select_layers
 from .methods import get_method, method_names, register_method
 from .schedule import ANNEALS, UpdateSchedule
 from .selection import Change, random_grouped_mask, select_layer
-from .structures import get_structure
+from .structures import StructureError, get_structure
 
 logger = logging.getLogger(__name__)
 
@@ -192,8 +192,14 @@ def plan_layers(layers: Sequence[MaskedLayer], config: SparsityConfig) -> dict[s
     out: dict[str, LayerPlan] = {}
     for l in layers:
         shape = group_shape(l)
-        nnz = structure.count(l.name, shape, nnz_for(l.numel, densities[l.name]))
-        group = l.numel if nnz == l.numel else structure.group_size(l.name, shape)
+        try:
+            nnz = structure.count(l.name, shape, nnz_for(l.numel, densities[l.name]))
+            group = l.numel if nnz == l.numel else structure.group_size(l.name, shape)
+        except StructureError as e:
+            if not l.transposed:
+                raise
+            raise StructureError(f"{e} ({l.name!r} is stored (in, out) as {tuple(l.shape)}, Hugging Face Conv1D: it is "
+                                 f"grouped as its transpose {shape}, whose rows are its outputs)") from None
         out[l.name] = LayerPlan(l.numel, densities[l.name], nnz, group)
     return out
 
@@ -323,7 +329,6 @@ class Sparsifier:
             l.name for l in self.layers[:-1] if self.group[l.name] != l.numel)
         stored_in_out = [n for n in self.ablatable if n in self._transposed]
         if stored_in_out:
-            from .structures import StructureError
             raise StructureError(
                 f"gamma_sal={cfg.gamma_sal} (neuron ablation) is not built for layers stored (in, out) (Hugging Face "
                 f"Conv1D): {', '.join(stored_in_out)}; set gamma_sal: null, or exclude them")
@@ -629,6 +634,7 @@ class Sparsifier:
         if g == self._numel[name]:
             return torch.zeros((), dtype=torch.int64, device=mask.device)
         if name in self._transposed:            # groups across shards: counted whole, then as this rank's part
+            mask = mask.to(self.masks[name].device)      # a loaded state's masks are on the CPU
             groups = self._in_group_order(name, self.engine.whole(name, mask)).view(-1, g)
             first = torch.zeros(groups.shape, dtype=torch.bool, device=groups.device)
             first[:, 0] = groups.sum(1) != quota            # one mark per group off its quota, counted once

@@ -101,6 +101,12 @@ class DeepSpeedEngineAdapter(WholeMasks):
         self._float.clear()
         self._hook_handles = [self._param(l.name).register_hook(self._make_hook(l.name)) for l in layers]
 
+    def remove_hooks(self) -> None:
+        """Take the gradient hooks off the parameters (the adapter masks no gradient after this)."""
+        for h in self._hook_handles:
+            h.remove()
+        self._hook_handles = []
+
     def _make_hook(self, name: str) -> Callable[[Tensor], Tensor]:
         def hook(grad: Tensor) -> Tensor:
             if self.dense_grad_wanted():

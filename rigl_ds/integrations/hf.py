@@ -19,7 +19,7 @@ checked equal on every update. Gradients are masked as backward produces them, s
 with ``grad_accumulation_n`` > 1 the steps just before an update, whose dense gradients feed the
 grow score, are clipped by the dense norm).
 
-The Trainer's DeepSpeed setting (``TrainingArguments(deepspeed=...)``, ZeRO 0-3) needs the Trainer
+The Trainer's DeepSpeed setting (``TrainingArguments(deepspeed=...)``; tested with ZeRO-3) needs the Trainer
 itself, whose DeepSpeed engine exists only once training begins::
 
     trainer = Trainer(model, args, train_dataset=ds)
@@ -76,6 +76,12 @@ class _ProcessGroupEngine(LocalEngine):
         for h in self._grad_hooks:
             h.remove()
         self._grad_hooks = [self._param(l.name).register_hook(self._hook(l.name, masks[l.name])) for l in layers]
+
+    def remove_hooks(self) -> None:
+        """Take the gradient hooks off the parameters (the engine masks no gradient after this)."""
+        for h in self._grad_hooks:
+            h.remove()
+        self._grad_hooks = []
 
     def _hook(self, name: str, mask: torch.Tensor):
         def hook(grad: torch.Tensor) -> torch.Tensor:
@@ -137,7 +143,8 @@ class RigLCallback(TrainerCallback):
         """Add this callback to ``trainer`` and keep the trainer, whose DeepSpeed engine (made when
         training begins) the Trainer's DeepSpeed setting needs; returns the callback. Under DDP
         ``callbacks=[RigLCallback(...)]`` is the same."""
-        trainer.add_callback(self)
+        if self not in trainer.callback_handler.callbacks:
+            trainer.add_callback(self)
         self._trainer = trainer
         return self
 
@@ -199,6 +206,9 @@ class RigLCallback(TrainerCallback):
             raise ValueError("RigLCallback under the Trainer's DeepSpeed setting needs the Trainer, whose DeepSpeed "
                              "engine exists only once training begins: RigLCallback(...).attach(trainer) instead "
                              f"of callbacks=[RigLCallback(...)] (found {type(engine).__name__})")
+        if "step" in vars(engine):
+            raise ValueError("RigLCallback: this DeepSpeed engine's step is wrapped already (two RigLCallbacks on one "
+                             "Trainer? keep one)")
         saved = self._resume_file(args, state)
         adapter = DeepSpeedEngineAdapter(engine)
         self._model = engine.module
@@ -211,6 +221,8 @@ class RigLCallback(TrainerCallback):
         original = engine.step
 
         def step(*a, **kw):
+            if not engine.is_gradient_accumulation_boundary():    # an Accelerate that steps every micro-batch
+                return original(*a, **kw)
             adapter.step(self.sparsifier.step(), step_fn=lambda: original(*a, **kw))
 
         engine.step = step                  # an instance attribute: on_train_end removes it
@@ -218,9 +230,13 @@ class RigLCallback(TrainerCallback):
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
+        """Unwraps the DeepSpeed engine's step and takes the gradient hooks off (``sparsifier`` stays,
+        for :meth:`~rigl_ds.core.sparsifier.Sparsifier.measure` and the masks)."""
         if self._ds_engine is not None:
             del self._ds_engine.step
             self._ds_engine = None
+        if self.sparsifier is not None:
+            self.sparsifier.engine.remove_hooks()
         return control
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):

@@ -98,9 +98,9 @@ def gpt2_mlp(seed=0):
 
 @pytest.mark.parametrize("structure,fmt", [("fan_in", "condensed"), ("fan_in", "csr"), ("unstructured", "condensed")])
 def test_a_conv1d_exports_as_the_linear_of_its_transpose(structure, fmt, tmp_path):
-    """A Conv1D becomes a CondensedLinear / CSRLinear of its transpose: a fan_in-trained one (groups
+    """A Conv1D becomes a CondensedLinear / CSRLinear of its transpose: one masked with fan_in (groups
     along its dim 0) condenses exactly to its fan-in; outputs equal the masked dense model's, also
-    after loading the file into a fresh instance."""
+    after loading the file into a fresh instance. semi_structured refuses it by name."""
     model = gpt2_mlp()
     sp = RigL(model, None, total_steps=10, sparsity=0.75, distribution="uniform", structure=structure)
     with torch.no_grad():
@@ -120,6 +120,9 @@ def test_a_conv1d_exports_as_the_linear_of_its_transpose(structure, fmt, tmp_pat
             assert out[0].fan_in == 16 and bool((per_output == 16).all())
     path = save_exported(out, replaced, fmt, tmp_path / "m.safetensors")
     loaded = load_exported(gpt2_mlp(seed=3), path)
+    if torch.cuda.is_available():                # semi_structured stops first on a machine without CUDA
+        with pytest.raises(ExportError, match=r"layer '0' is a Hugging Face Conv1D"):
+            convert(gpt2_mlp(), sp.masks, "semi_structured")
     for shape in [(1, 64), (2, 5, 64)]:
         x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
         torch.testing.assert_close(out(x), ref(x), rtol=1e-5, atol=1e-5)

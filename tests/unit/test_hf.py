@@ -179,6 +179,16 @@ def test_trainer_callback_refuses_fp16_fsdp_deepspeed_unattached_and_a_resume_wi
     tr.args.fsdp, tr.args.deepspeed = None, {"zero_optimization": {"stage": 3}}
     with pytest.raises(ValueError, match=r"needs the Trainer.*RigLCallback\(...\).attach\(trainer\).*found NoneType"):
         RigLCallback(sparsity=0.8).on_train_begin(tr.args, tr.state, tr.control, model=tr.model, optimizer=None)
+    # attached to a Trainer that lists it already: once; an engine whose step is wrapped already: refused
+    cb = next(c for c in tr.callback_handler.callbacks if isinstance(c, RigLCallback))
+    assert cb.attach(tr) is cb and sum(isinstance(c, RigLCallback) for c in tr.callback_handler.callbacks) == 1
+    from deepspeed import DeepSpeedEngine
+
+    wrapped = DeepSpeedEngine.__new__(DeepSpeedEngine)           # no engine is built: the check comes first
+    object.__setattr__(wrapped, "step", lambda: None)
+    tr.model_wrapped = wrapped
+    with pytest.raises(ValueError, match="step is wrapped already"):
+        cb.on_train_begin(tr.args, tr.state, tr.control, model=tr.model, optimizer=None)
 
 
 def test_trainer_clips_by_the_norm_of_the_masked_gradient(tmp_path):

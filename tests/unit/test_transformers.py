@@ -167,3 +167,10 @@ def test_flops_count_attention_projections_conv1d_and_scores_by_hand():
     assert f.per_layer["sep.k_proj_weight"][0] == 2.0 * t * 8 * d and f.per_layer["sep.q_proj_weight"][0] == 2.0 * t * d * d
     assert f.per_layer["c_fc.weight"] == (2.0 * t * d * 4 * d, 2.0 * t * d * 4 * d * 0.25)
     assert f.per_layer["block.linear1.weight"][0] == 2.0 * t * d * 32
+
+
+def test_a_structure_error_on_a_conv1d_names_its_stored_shape_and_grouping():
+    layer = OneLayer(Conv1D(6, 8))                     # stored (8, 6): 6 outputs of 8 inputs
+    with pytest.raises(StructureError, match=r"rows of 8 weights do not split into groups of M=3 .*'layer.weight' is "
+                                             r"stored \(in, out\) as \(8, 6\), .* grouped as its transpose \(6, 8\)"):
+        RigL(layer, None, total_steps=20, sparsity=1 - 2 / 3, distribution="uniform", structure="2:3")
