@@ -259,6 +259,15 @@ def convert(model: nn.Module, masks: Mapping[str, Tensor], fmt: str) -> tuple[nn
     replaced: dict[str, str] = {}
     if fmt == "dense":
         return model, replaced
+    if fmt == "semi_structured":                # before any layer is replaced: refused whole, on any machine
+        from rigl_ds.core.layers import is_hf_conv1d
+
+        for name in masks:
+            module_name, module = _module_of(model, name)
+            if is_hf_conv1d(module) and not bool(masks[name].all()):
+                raise ExportError(f"format 'semi_structured': layer {module_name!r} is a Hugging Face Conv1D (weight "
+                                  "stored (in, out)), which this format does not take yet; use --format condensed, "
+                                  "csr or dense")
     if fmt == "semi_structured" and not torch.cuda.is_available():
         raise ExportError("format 'semi_structured' needs a CUDA GPU (torch's semi-structured sparse tensors run on "
                           "cuSPARSELt/CUTLASS kernels only) and this machine has none; on a CPU use --format "
@@ -269,10 +278,6 @@ def convert(model: nn.Module, masks: Mapping[str, Tensor], fmt: str) -> tuple[nn
         if linear is None or name != f"{module_name}.weight" or bool(mask.all()):
             continue                        # convolutions, dense layers and Linear subclasses stay as they are
         if linear is not module:            # Conv1D: its mask in the Linear's (out, in) layout
-            if fmt == "semi_structured":
-                raise ExportError(f"format 'semi_structured': layer {module_name!r} is a Hugging Face Conv1D (weight "
-                                  "stored (in, out)), which this format does not take yet; use --format condensed, "
-                                  "csr or dense")
             mask = mask.t()
         module = linear
         mask = mask.to(module.weight.device)

@@ -211,7 +211,6 @@ class RigLCallback(TrainerCallback):
                              "Trainer? keep one)")
         saved = self._resume_file(args, state)
         adapter = DeepSpeedEngineAdapter(engine)
-        self._model = engine.module
         with adapter.keeping_loaded_state() if saved is not None else contextlib.nullcontext():
             # on resume the engine has loaded its checkpoint: the initial masks must not touch it
             self.sparsifier = build_sparsifier(engine.module, adapter.base_optimizer, self.config,
