@@ -348,14 +348,15 @@ def check_dcp_folder(folder: pathlib.Path) -> None:
         raise CheckpointError(f"checkpoint {folder}: .metadata cannot be read ({type(e).__name__}: {e})") from None
 
 
-def load_dcp(state: dict[str, Any], folder: pathlib.Path) -> None:
+def load_dcp(state: dict[str, Any], folder: pathlib.Path, process_group=None) -> None:
     """``dcp.load(state, folder)`` in place, after :func:`check_dcp_folder`, with
-    :class:`SafeLoadPlanner`; a refused item is a :class:`CheckpointError` naming the folder."""
+    :class:`SafeLoadPlanner` (by the ranks of ``process_group``, default all); a refused item is a
+    :class:`CheckpointError` naming the folder."""
     import torch.distributed.checkpoint as dcp
 
     check_dcp_folder(folder)
     try:
-        dcp.load(state, checkpoint_id=str(folder), planner=safe_load_planner())
+        dcp.load(state, checkpoint_id=str(folder), planner=safe_load_planner(), process_group=process_group)
     except CheckpointError as e:
         raise CheckpointError(f"checkpoint {folder}: {e}") from None
     except BaseException as e:          # DCP gathers the ranks' failures into one CheckpointException

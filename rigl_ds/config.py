@@ -423,13 +423,17 @@ def semantic_problems(cfg: ExperimentConfig, source: str) -> list[str]:
         out.append(f"{cfg.where('precision.dtype')}: precision.dtype='fp16' is not supported with sparsity.method="
                    "gap_parallel (each copy's loss scaler moves on its own, and the merged model would be stepped "
                    "with different scales on different ranks); use 'bf16' or 'fp32'")
-    if cfg.sparsity.method == "gap_parallel" and cfg.engine.name != "ddp":
+    if cfg.sparsity.method == "gap_parallel" and cfg.engine.name not in GAP_PARALLEL_ENGINES:
         out.append(f"{cfg.where('engine.name')}: engine.name={cfg.engine.name!r}: sparsity.method=gap_parallel splits the "
-                   "world into copies of the model, which only engine.name='ddp' (torchrun) does here; use 'ddp', or "
-                   "gap_cyclic on this engine")
+                   f"world into copies of the model, which engine.name={' or '.join(map(repr, GAP_PARALLEL_ENGINES))} "
+                   "does; use one of those, or gap_cyclic on this engine")
     if cfg.lr_schedule.name == "step" and not cfg.lr_schedule.step_epochs:
         out.append(f"{source}: lr_schedule.step_epochs: required for lr_schedule.name='step'")
     return out
+
+
+#: the engines that split the world into P-GaP's copies (``split_copies``)
+GAP_PARALLEL_ENGINES = ("ddp", "fsdp2")
 
 
 def for_world(cfg: ExperimentConfig, world: int) -> ExperimentConfig:

@@ -19,6 +19,7 @@ from rigl_ds import checkpoint as ckpt
 from rigl_ds import faults
 from rigl_ds.core.layers import MaskedLayer
 
+from .copies import CopiesMixin, CopyGroups
 from .dist_utils import DistributedRuntime, broadcast_masks, check_masks_equal
 from .local import LocalEngine, flat_in_memory_order, grad_scaler
 
@@ -94,7 +95,7 @@ def packed_allreduce_hook(state: PackedAllReduce, bucket):
 packed_allreduce_hook.__annotations__["return"] = torch.futures.Future[torch.Tensor]
 
 
-class DDPEngine(LocalEngine):
+class DDPEngine(CopiesMixin, LocalEngine):
     """Adapter for a ``DistributedDataParallel`` model (names are those of ``ddp.module``)."""
 
     def __init__(self, ddp_model: DDP, optimizer: torch.optim.Optimizer | None, *,
@@ -109,8 +110,6 @@ class DDPEngine(LocalEngine):
         self.mask_version = 0
         self._mask_by_param: dict[int, Tensor] = {}
         self.comm: PackedAllReduce | None = None
-        self.copies: CopyGroups | None = None
-        self.apart = False          # P-GaP: do the copies train apart now (gradients and masks per copy)?
         #: (process group, its size) over which gradients are averaged now (read per bucket per step)
         self.grad_group = (ddp_model.process_group, dist.get_world_size(ddp_model.process_group))
         if packed_allreduce:
@@ -118,46 +117,23 @@ class DDPEngine(LocalEngine):
             ddp_model.register_comm_hook(self.comm, packed_allreduce_hook)
 
     # ------------------------------------------------------------------ P-GaP's copies
-    def split_copies(self, kappa: int) -> "CopyGroups":
-        """Split the world into ``kappa`` copies of the model (P-GaP): groups of consecutive ranks,
-        each data-parallel over its own copy while :meth:`set_copies_apart` is on."""
-        if self.copies is None:
-            self.copies = CopyGroups(kappa, self.ddp.process_group)
-            if self.comm is None:           # gradients must be all-reduced within a copy: a hook chooses the group
-                self.comm = PackedAllReduce(self, packed=False)
-                self.ddp.register_comm_hook(self.comm, packed_allreduce_hook)
-        elif self.copies.kappa != kappa:
-            raise ValueError(f"this engine's world is already split into {self.copies.kappa} copies, not {kappa}")
-        return self.copies
+    def _make_copies(self, kappa: int) -> CopyGroups:
+        copies = CopyGroups(kappa, self.ddp.process_group)
+        if self.comm is None:           # gradients must be all-reduced within a copy: a hook chooses the group
+            self.comm = PackedAllReduce(self, packed=False)
+            self.ddp.register_comm_hook(self.comm, packed_allreduce_hook)
+        return copies
 
     def set_copies_apart(self, apart: bool) -> None:
-        """On: gradients are averaged and masks agree within each copy; off: over the whole world."""
-        if apart and self.copies is None:
-            raise ValueError("set_copies_apart(True) before split_copies")
-        self.apart = apart
+        super().set_copies_apart(apart)
         self.grad_group = (self.copies.group, self.copies.size) if apart else \
             (self.ddp.process_group, dist.get_world_size(self.ddp.process_group))
 
     def _mask_group(self):
         return self.copies.group if self.apart else self.ddp.process_group
 
-    @torch.no_grad()
     def merge_copies(self, owners: Mapping[str, int]) -> None:
-        """Give every rank the merged model: each parameter, with its optimizer state, from the copy
-        that owns it. A masked layer's owner is ``owners[name]``; every other parameter goes with the
-        last masked layer before it in ``named_parameters`` order (partition 0 before the first)."""
-        layer_of = {id(self._param(n)): n for n in owners}
-        by_copy: dict[int, list[Tensor]] = {c: [] for c in range(self.copies.kappa)}
-        current = owners[next(iter(owners))] if owners else 0
-        state = self.optimizer.state if self.optimizer is not None else {}
-        for p in self._params.values():
-            name = layer_of.get(id(p))
-            if name is not None:
-                current = owners[name]
-            by_copy[current].append(p.data)
-            by_copy[current].extend(v for v in state.get(p, {}).values() if torch.is_tensor(v))
-        for c, tensors in by_copy.items():
-            broadcast_tensors(tensors, src=self.copies.src(c), group=self.copies.peers)
+        super().merge_copies(owners)
         self.mask_version += 1
 
     def bind(self, layers: Sequence[MaskedLayer], masks: Mapping[str, Tensor],
@@ -186,79 +162,6 @@ class DDPEngine(LocalEngine):
 
     def check_masks(self, masks: Mapping[str, Tensor]) -> None:
         check_masks_equal(masks, group=self._mask_group())
-
-
-def broadcast_tensors(tensors: Sequence[Tensor], src: int, group) -> None:
-    """Overwrite ``tensors`` (in place) with global rank ``src``'s, one broadcast per dtype and device."""
-    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-
-    by_kind: dict[tuple, list[Tensor]] = {}
-    for t in tensors:
-        by_kind.setdefault((t.dtype, t.device), []).append(t)
-    # NCCL moves GPU tensors only: CPU ones (Adam's step counts, CPU masks) travel through the GPU
-    staging = torch.device("cuda", torch.cuda.current_device()) \
-        if dist.get_backend(group) == "nccl" and torch.cuda.is_available() else None
-    for (_, device), ts in by_kind.items():
-        flat = _flatten_dense_tensors([t.view(torch.uint8) if t.dtype == torch.bool else t for t in ts])
-        if staging is not None and device.type == "cpu":
-            moved = flat.to(staging)
-            dist.broadcast(moved, src=src, group=group)
-            flat = moved.cpu()
-        else:
-            dist.broadcast(flat, src=src, group=group)
-        for t, v in zip(ts, _unflatten_dense_tensors(flat, [t.view(torch.uint8) if t.dtype == torch.bool else t
-                                                            for t in ts])):
-            (t.view(torch.uint8) if t.dtype == torch.bool else t).copy_(v)
-
-
-class CopyGroups:
-    """P-GaP's split of the world into ``kappa`` copies: copy c is ranks ``[c*size, (c+1)*size)``;
-    the ranks at the same place in every copy (``local``) form a peer group, over which merges and
-    checkpoints move a copy's tensors. Every rank makes every group, in the same order (as
-    ``torch.distributed.new_group`` requires)."""
-
-    def __init__(self, kappa: int, process_group=None) -> None:
-        if process_group not in (None, dist.group.WORLD):
-            raise ValueError("gap_parallel splits the default (world) process group; this DDP model uses another one")
-        world, rank = dist.get_world_size(), dist.get_rank()
-        if isinstance(kappa, bool) or not isinstance(kappa, int) or kappa < 2 or world % kappa:
-            raise ValueError(f"gap_parallel: the world size {world} is not divisible by gap_partitions={kappa} (one "
-                             f"copy of the model per partition, each on the same number of ranks); launch a multiple "
-                             f"of {kappa} ranks or change gap_partitions")
-        self.kappa, self.size = kappa, world // kappa
-        self.index, self.local = divmod(rank, self.size)
-        groups = [dist.new_group(list(range(c * self.size, (c + 1) * self.size))) for c in range(kappa)]
-        peers = [dist.new_group([c * self.size + l for c in range(kappa)]) for l in range(self.size)]
-        #: this copy's ranks; the ranks at this rank's place in every copy
-        self.group, self.peers = groups[self.index], peers[self.local]
-
-    def src(self, copy: int) -> int:
-        """The global rank of ``copy`` in this rank's peer group."""
-        return copy * self.size + self.local
-
-    def masks_from_other_copies(self, masks: Mapping[str, Tensor], owners: Mapping[str, int]) -> dict[str, Tensor]:
-        """The shared sparse masks (copies of ``masks``): each layer from a copy that does not grow
-        it (copy 0's, or copy 1's for partition 0's layers); the same on every rank."""
-        out = {n: m.clone() for n, m in masks.items()}
-        for c in (0, 1):
-            broadcast_tensors([out[n] for n in out if (owners[n] == 0) == (c == 1)], src=self.src(c), group=self.peers)
-        return out
-
-    def gather_states(self, tree: Any) -> list[Any] | None:
-        """Copies 1..kappa-1's ``tree`` (nested dicts/lists of tensors and plain data, shaped alike on
-        every copy), on global rank 0; None elsewhere. Only the copies' first ranks take part."""
-        from torch.utils._pytree import tree_flatten, tree_unflatten
-
-        if self.local != 0:
-            return None
-        leaves, spec = tree_flatten(tree)
-        out = []
-        for c in range(1, self.kappa):
-            mine = [leaf.detach().clone() if torch.is_tensor(leaf) else leaf for leaf in leaves]
-            broadcast_tensors([t for t in mine if torch.is_tensor(t)], src=self.src(c), group=self.peers)
-            if self.index == 0:             # the other copies' first ranks only pass their own on
-                out.append(tree_unflatten([t.cpu() if torch.is_tensor(t) else t for t in mine], spec))
-        return out if self.index == 0 else None
 
 
 class DDPRuntime(DistributedRuntime):

@@ -17,6 +17,12 @@ bool tensor of the local shard's shape, and:
   layer, the single-process selection, then this rank's slice;
 * a structure's groups (fan_in rows, N:M blocks) lie within rows, so each rank selects inside its own
   groups; only an update that grows also drops over the whole layer first, by the same exact top-k.
+
+P-GaP (``gap_parallel``): each copy of the model is sharded over its own ranks, the ``"shard"`` rows
+of :func:`~rigl_ds.engines.copies.copy_mesh` (``fully_shard(..., mesh=mesh["shard"])``), so every
+collective of the engine stays within a copy, and the ranks at the same place in every copy hold
+the same shards. Merged copies train one model: FSDP2 averages the gradients within the copy, and
+:meth:`FSDP2Engine.mask_grads` averages those over the copies (one all-reduce over the peer group).
 """
 from __future__ import annotations
 
@@ -38,6 +44,7 @@ from rigl_ds import faults
 from rigl_ds.core.layers import MaskedLayer
 from rigl_ds.core.selection import Change, select_grouped, select_layer
 
+from .copies import CopiesMixin, CopyGroups, check_copies
 from .dist_select import Query, select_global_many, select_sharded_many
 from .dist_utils import DistributedRuntime
 from .local import LocalEngine, zero_at
@@ -64,11 +71,15 @@ class ShardLayoutError(ValueError):
     """A parameter is not sharded the way this engine supports (dim 0 over a 1-D mesh)."""
 
 
-def writer_of(name: str) -> int:
+def writer_of(name: str, copy_size: int = 1) -> int:
     """The rank that wrote a file of an FSDP2 checkpoint folder: DCP names rank r's data files
-    ``__r_<n>.distcp``; the metadata, ``rigl_ds.pt`` and its checksum are rank 0's."""
-    m = re.match(r"__(\d+)_\d+\.distcp$", pathlib.PurePath(name).name)
-    return int(m.group(1)) if m else 0
+    ``__r_<n>.distcp``; the metadata, ``rigl_ds.pt`` and its checksum are rank 0's. P-GaP's copy
+    c > 0 (ranks from ``c * copy_size``) writes into the subfolder ``copy<c>``, ranked within the copy."""
+    path = pathlib.PurePath(name)
+    m = re.match(r"__(\d+)_\d+\.distcp$", path.name)
+    r = int(m.group(1)) if m else 0
+    c = re.fullmatch(r"copy(\d+)", path.parts[0]) if len(path.parts) > 1 else None
+    return int(c.group(1)) * copy_size + r if c else r
 
 
 def row_slice(d0: int, world: int, rank: int) -> tuple[int, int]:
@@ -78,11 +89,15 @@ def row_slice(d0: int, world: int, rank: int) -> tuple[int, int]:
     return start, min(c, d0 - start)
 
 
-class FSDP2Engine(LocalEngine):
-    """Adapter for a model whose masked layers are sharded by ``fully_shard``."""
+class FSDP2Engine(CopiesMixin, LocalEngine):
+    """Adapter for a model whose masked layers are sharded by ``fully_shard``. ``copies_mesh``: for
+    P-GaP, the :func:`~rigl_ds.engines.copies.copy_mesh` whose ``"shard"`` rows the model is sharded
+    over (its groups are reused; without it, the copies' groups are made when the world is split)."""
+
+    _local = staticmethod(local)
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, *,
-                 selection: str = "sharded") -> None:
+                 selection: str = "sharded", copies_mesh=None) -> None:
         if selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {', '.join(SELECTIONS)}, got {selection!r}")
         super().__init__(model, optimizer)
@@ -91,6 +106,7 @@ class FSDP2Engine(LocalEngine):
         self._group = None
         self._device: torch.device | None = None     # where the shards (and masks) live
         self.masks: Mapping[str, Tensor] = {}
+        self._copies_mesh = copies_mesh
 
     def _layout(self, name: str) -> tuple[int, int, tuple[int, ...], int]:
         got = self._slices.get(name)
@@ -115,6 +131,25 @@ class FSDP2Engine(LocalEngine):
         row = math.prod(p.shape[1:])
         got = self._slices[name] = (start * row, rows * row, tuple(loc.shape), p.numel())
         return got
+
+    # ---------------------------------------------------------------- P-GaP's copies
+    def _make_copies(self, kappa: int) -> CopyGroups:
+        """The copies must be what the model is sharded over: each layer's mesh is its copy's ranks."""
+        world = dist.get_world_size()
+        check_copies(kappa, world)
+        size = world // kappa
+        copy = dist.get_rank() // size
+        want = list(range(copy * size, (copy + 1) * size))
+        for name in self._params:
+            p = self._params[name]
+            if isinstance(p, DTensor):
+                got = dist.get_process_group_ranks(p.device_mesh.get_group())
+                if got != want:
+                    raise ValueError(f"gap_parallel over FSDP2: {name!r} is sharded over ranks {got}, but copy {copy} "
+                                     f"of gap_partitions={kappa} is ranks {want}: shard each copy over its own ranks "
+                                     "(fully_shard(..., mesh=rigl_ds.engines.copies.copy_mesh(kappa, device)['shard']))")
+        m = self._copies_mesh
+        return CopyGroups(kappa, groups=None if m is None else (m["shard"].get_group(), m["copy"].get_group()))
 
     # ---------------------------------------------------------------- reads
     def weight(self, name: str) -> Tensor:
@@ -239,6 +274,14 @@ class FSDP2Engine(LocalEngine):
         return None if param.grad is None else local(param.grad)
 
     @torch.no_grad()
+    def mask_grads(self) -> None:
+        """As one process, on this rank's gradient shards; merged P-GaP copies first average them
+        over the copies (each copy's FSDP2 averaged them over its own ranks)."""
+        if self.copies is not None and not self.apart:
+            self.average_grads_over_copies([local(p.grad) for p in self._params.values() if p.grad is not None])
+        super().mask_grads()
+
+    @torch.no_grad()
     def mask_weights(self) -> None:
         for param, mask in self._pairs:
             self._masked_inplace(local(param.data), mask)
@@ -269,15 +312,22 @@ class FSDP2Runtime(DistributedRuntime):
 
     @classmethod
     def create(cls, cfg, model, optimizer_fn, device) -> "FSDP2Runtime":
-        return cls(model, optimizer_fn, device, units=cfg.engine.fsdp2_units, selection=cfg.engine.fsdp2_selection)
+        copies = cfg.sparsity.gap_partitions if cfg.sparsity.method == "gap_parallel" else None
+        return cls(model, optimizer_fn, device, units=cfg.engine.fsdp2_units, selection=cfg.engine.fsdp2_selection,
+                   copies=copies)
 
     def __init__(self, model: nn.Module, optimizer_fn: Callable[[nn.Module], torch.optim.Optimizer],
-                 device: torch.device, *, units: list[str], selection: str) -> None:
+                 device: torch.device, *, units: list[str], selection: str, copies: int | None = None) -> None:
+        """``copies``: P-GaP's number of copies (``gap_partitions``): each is sharded over its own
+        ``world // copies`` ranks (:func:`~rigl_ds.engines.copies.copy_mesh`)."""
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
+        from .copies import copy_mesh
+
         self.dist = dist
-        self.mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        self.copies_mesh = copy_mesh(copies, device.type) if copies else None
+        self.mesh = self.copies_mesh["shard"] if copies else init_device_mesh(device.type, (dist.get_world_size(),))
         # bf16 runs under the loop's torch.autocast, as with DDP: parameters, their all-gathers and the
         # gradient reductions stay fp32 (a bf16 MixedPrecisionPolicy casts BatchNorm's affine
         # parameters too, which BatchNorm's fp32 running statistics refuse)
@@ -294,8 +344,15 @@ class FSDP2Runtime(DistributedRuntime):
         logger.info("fsdp2: %d units (%s) + root over %d ranks", wrapped, ", ".join(units) or "-", self.world)
 
     def sparse_engine(self):
-        self._adapter = FSDP2Engine(self.module, self.optimizer, selection=self.selection)
+        self._adapter = FSDP2Engine(self.module, self.optimizer, selection=self.selection, copies_mesh=self.copies_mesh)
         return self._adapter
+
+    def _copy_size(self) -> int:
+        return self.mesh.size()
+
+    def _copies(self) -> CopyGroups | None:
+        """P-GaP's copies, once the sparsifier has split the world (None for other methods)."""
+        return None if self._adapter is None else self._adapter.copies
 
     def no_sync(self, last: bool):
         @contextlib.contextmanager
@@ -374,14 +431,23 @@ class FSDP2Runtime(DistributedRuntime):
         # buffers (BatchNorm statistics) are replicated tensors, of which DCP keeps one rank's copy:
         # make every copy rank 0's, as every step starts from them
         self.sync_buffers()
-        dcp.save(self._sharded(state), checkpoint_id=str(tmp))
+        copies = self._copies()
+        if copies is None:
+            dcp.save(self._sharded(state), checkpoint_id=str(tmp))
+        elif self._adapter.apart or copies.index == 0:
+            # P-GaP: copy 0 writes the folder itself, so it reads as any FSDP2 checkpoint of the
+            # model (the merged one, or copy 0's); while the copies train apart, copy c > 0 writes
+            # its own model and optimizer state (and the masks they share) into copy<c>/
+            where = tmp if copies.index == 0 else tmp / f"copy{copies.index}"
+            dcp.save(self._sharded(state), checkpoint_id=str(where), process_group=copies.group)
         if self.rank == 0:
             rest = dict(state, model="dcp", sparsifier=None if sp is None else dict(sp, masks=None, score=None))
             ckpt.save_atomic(rest, tmp / "rigl_ds.pt")
         self.barrier()
         # each rank hashes the files it wrote (read back once: what reached the filesystem); rank 0
         # writes the manifest from all of them, so no file is read twice and none by every rank
-        mine = ckpt.hash_files(tmp, [n for n in ckpt.folder_files(tmp) if writer_of(n) == self.rank])
+        mine = ckpt.hash_files(tmp, [n for n in ckpt.folder_files(tmp)
+                                     if writer_of(n, self._copy_size()) == self.rank])
         hashed: list = [None] * self.world
         self.dist.all_gather_object(hashed, mine)
         if self.rank == 0:
@@ -400,7 +466,7 @@ class FSDP2Runtime(DistributedRuntime):
         maps to (``writer % world``: at the same world size, the file this rank's shards come from);
         a failure anywhere raises the same CheckpointError on every rank (one all-gather)."""
         try:
-            ckpt.verify_folder(path, which=lambda name: writer_of(name) % self.world == self.rank)
+            ckpt.verify_folder(path, which=lambda name: writer_of(name, self._copy_size()) % self.world == self.rank)
             problem = ""
         except ckpt.CheckpointError as e:
             problem = str(e)
@@ -409,6 +475,24 @@ class FSDP2Runtime(DistributedRuntime):
         bad = [f for f in found if f]
         if bad:
             raise ckpt.CheckpointError(bad[0])
+
+    def _copy_folder(self, path: pathlib.Path, state: Mapping[str, Any]) -> pathlib.Path:
+        """Where this rank's shards are: the folder, or (P-GaP's copy c > 0 of a checkpoint saved while
+        the copies trained apart) its ``copy<c>`` subfolder."""
+        apart = bool((state.get("sparsifier") or {}).get("copies_grow"))
+        saved = sorted(p.name for p in path.glob("copy*") if p.is_dir())
+        copies = self._copies()
+        if copies is None:
+            if apart:
+                raise ckpt.CheckpointError(f"checkpoint {path} was saved while P-GaP's copies trained apart; "
+                                           "resume it with sparsity.method=gap_parallel")
+            return path
+        if not apart:
+            return path
+        if saved != [f"copy{c}" for c in range(1, copies.kappa)]:
+            raise ckpt.CheckpointError(f"checkpoint {path} holds P-GaP copies {['.'] + saved} (written while they "
+                                       f"trained apart); this run has gap_partitions={copies.kappa}")
+        return path if copies.index == 0 else path / f"copy{copies.index}"
 
     def load(self, path: pathlib.Path) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
@@ -430,8 +514,11 @@ class FSDP2Runtime(DistributedRuntime):
                                for n, m in adapter.masks.items()}
             template["sparsifier"] = sp
         sharded = self._sharded(template)
+        where, group = self._copy_folder(path, state), None
+        if self._copies() is not None:
+            group = self._copies().group
         try:
-            ckpt.load_dcp(sharded, path)
+            ckpt.load_dcp(sharded, where, process_group=group)
             set_model_state_dict(self.module, sharded["model"])
             set_optimizer_state_dict(self.module, self.optimizer, sharded["optimizer"])
         except ckpt.CheckpointError:

@@ -33,24 +33,52 @@ def worker(rank, world, packed):
     ddp = DDP(model)
     opt = torch.optim.SGD(ddp.parameters(), **LR)
     engine = DDPEngine(ddp, opt, packed_allreduce=packed)
+    return train(model, ddp, opt, engine, rank, world)
+
+
+def fsdp2_worker(rank, world):
+    """Each copy sharded over its own ranks (``copy_mesh``'s rows): 1 rank per copy (world 2) or 2."""
+    from torch.distributed.fsdp import fully_shard
+
+    from rigl_ds.engines.copies import copy_mesh
+    from rigl_ds.engines.fsdp2 import FSDP2Engine
+
+    model = make_nobn(seed=0)               # no broadcast under FSDP2: every copy starts the same
+    mesh = copy_mesh(KAPPA, "cpu")
+    for m in (model.conv1, model.conv2):
+        fully_shard(m, mesh=mesh["shard"])
+    fully_shard(model, mesh=mesh["shard"])
+    opt = torch.optim.SGD(model.parameters(), **LR)
+    engine = FSDP2Engine(model, opt, copies_mesh=mesh)
+    return train(model, model, opt, engine, rank, world)
+
+
+def train(model, forward, opt, engine, rank, world):
+    """The loop of both engines; masks and weights returned whole."""
     sp = pgap(model, opt, engine)
-    assert (sp.copy, sp.copies.size) == (rank, 1)
+    size = world // KAPPA
+    assert (sp.copy, sp.copies.size) == (rank // size, size)
     # FLOPs are counted with the mean copy: each layer dense in one copy of KAPPA
     assert sp.layer_densities() == pytest.approx(
-        {n: (sp.final_nnz[n] + (m.numel() - sp.final_nnz[n]) / KAPPA) / m.numel() for n, m in sp.masks.items()})
-    masks = [{n: m.clone() for n, m in sp.masks.items()}]
+        {n: (sp.final_nnz[n] + (sp._numel[n] - sp.final_nnz[n]) / KAPPA) / sp._numel[n] for n in sp.masks})
+
+    def whole_masks():
+        return {n: engine.whole(n, m).clone() for n, m in sp.masks.items()}
+
+    masks = [whole_masks()]
     counts = [dict(sp.nnz)]
     for t in range(STEPS):
         x, y = batch(t, dtype=torch.float64)
-        half = x.shape[0] // world
+        part = x.shape[0] // world
         opt.zero_grad()
-        F.cross_entropy(ddp(x[rank * half:(rank + 1) * half]), y[rank * half:(rank + 1) * half]).backward()
+        F.cross_entropy(forward(x[rank * part:(rank + 1) * part]), y[rank * part:(rank + 1) * part]).backward()
         if sp.step():
             opt.step()
         if sp.last_update and sp.last_update["step"] == t:
-            masks.append({n: m.clone() for n, m in sp.masks.items()})
+            masks.append(whole_masks())
             counts.append(dict(sp.nnz))
-    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    weights = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+               for n, p in model.named_parameters()}
     return masks, counts, weights, sp.last_update
 
 
@@ -131,25 +159,38 @@ def reference():
     return seen, {n: p.detach().clone() for n, p in m.named_parameters()}, final, numel, owner
 
 
-@pytest.mark.parametrize("packed", [True, False], ids=["packed-allreduce", "plain-allreduce"])
-def test_two_copies_equal_the_reference(packed):
+def check_against_reference(results, world):
     ref_masks, ref_w, final, numel, owner = reference()
-    results = run_ranks(worker, packed, world=2)
+    size = world // KAPPA
     for rank, (masks, counts, weights, last) in enumerate(results):
+        copy = rank // size
         assert len(masks) == len(ref_masks) == ROUNDS + 1
         for i, (got, want) in enumerate(zip(masks, ref_masks)):
-            want = want[rank if len(want) > 1 else 0]
+            want = want[copy if len(want) > 1 else 0]
             for n in want:
                 assert torch.equal(got[n], want[n]), (rank, i, n)
         # the counts in force: the own partition dense while the copies grow, the targets after
         for i, c in enumerate(counts):
             grow = i < ROUNDS
-            assert c == {n: numel[n] if grow and owner[n] == rank else final[n] for n in final}, (rank, i)
+            assert c == {n: numel[n] if grow and owner[n] == copy else final[n] for n in final}, (rank, i)
         for n, w in ref_w.items():
             torch.testing.assert_close(weights[n], w, rtol=1e-9, atol=1e-12)
         assert last["merged"] and last["dense_partition"] == -1 and last["due_step"] == T * ROUNDS
-    for n in ref_w:                 # fine-tuned together: one model on every rank, bit for bit
-        assert torch.equal(results[0][2][n], results[1][2][n]), n
+    for r in range(1, world):       # fine-tuned together: one model on every rank, bit for bit
+        for n in ref_w:
+            assert torch.equal(results[0][2][n], results[r][2][n]), (r, n)
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed-allreduce", "plain-allreduce"])
+def test_two_copies_equal_the_reference(packed):
+    check_against_reference(run_ranks(worker, packed, world=2), 2)
+
+
+@pytest.mark.parametrize("world", [2, 4], ids=["1-rank-copies", "2-rank-copies"])
+def test_fsdp2_copies_equal_the_reference(world):
+    """The same run under FSDP2, each copy sharded over its own ranks (with 2 ranks a copy, its
+    shards are merged and averaged between the ranks at the same place in each copy)."""
+    check_against_reference(run_ranks(fsdp2_worker, world=world), world)
 
 
 def test_world_not_divisible_by_the_copies_is_refused():
