@@ -222,11 +222,13 @@ def refused_worker(rank, world):
 
 
 @pytest.mark.slow
-def test_torchrun_killed_mid_phase_resumes_exactly_across_the_merges(tmp_path):
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+def test_torchrun_killed_mid_phase_resumes_exactly_across_the_merges(tmp_path, engine):
     """``rigl-ds train`` under torchrun, 2 copies of one rank: rank 1 is killed at step 25 (its copy
     apart since the merge at step 15); resume=auto from the step-20 checkpoint, which holds copy 1's
     model and optimizer state, crosses the last merge (step 30) and ends, at step 40, bit-identical to
-    an uninterrupted run (checkpoint and TensorBoard)."""
+    an uninterrupted run (checkpoint and TensorBoard). DDP: one file, copy 1's state in it; FSDP2: a
+    DCP folder, copy 1's shards in its ``copy1/``."""
     from rigl_ds import checkpoint as ckpt
     from tests.compare import assert_same_run
     from tests.distributed.test_launchers import ROOT, launch
@@ -234,16 +236,25 @@ def test_torchrun_killed_mid_phase_resumes_exactly_across_the_merges(tmp_path):
     cfg = str(ROOT / "configs" / "quickstart_ddp.yaml")
     args = ["train.epochs=2", "sparsity.method=gap_parallel", "sparsity.gap_partitions=2", "sparsity.gap_phase=15",
             "sparsity.gap_rounds=2", "logging.log_every=5", "logging.progress=false", "checkpoint.every_steps=10",
-            "checkpoint.keep_last=3", "train.max_steps=40"]
+            "checkpoint.keep_last=3", "train.max_steps=40", f"engine.name={engine}"]
     straight, d = tmp_path / "straight", tmp_path / "run"
     launch("torchrun.sh", cfg, *args, f"logging.run_dir={straight}")
     p = launch("torchrun.sh", cfg, *args, f"logging.run_dir={d}", check=False,
                env={"RIGL_DS_FAULT": "step:25", "RIGL_DS_FAULT_RANK": "1"})
     assert p.returncode != 0 and "SIGKILL" in p.stdout + p.stderr, (p.stdout + p.stderr)[-3000:]
-    saved = ckpt.load(d / "checkpoints" / "step_00000020.pt")
-    assert saved["sparsifier"]["copies_grow"] and len(saved["copies"]) == 1
-    other = saved["copies"][0]["model"]
-    assert any(not torch.equal(other[k], saved["model"][k]) for k in other)      # the copies differ mid-phase
+    if engine == "ddp":
+        saved = ckpt.load(d / "checkpoints" / "step_00000020.pt")
+        assert saved["sparsifier"]["copies_grow"] and len(saved["copies"]) == 1
+        other = saved["copies"][0]["model"]
+        assert any(not torch.equal(other[k], saved["model"][k]) for k in other)      # the copies differ mid-phase
+    else:
+        folder = d / "checkpoints" / "step_00000020"
+        assert ckpt.load(folder / "rigl_ds.pt")["sparsifier"]["copies_grow"]
+        assert sorted(p.name for p in folder.glob("copy*")) == ["copy1"]
+        assert (folder / "copy1" / ".metadata").is_file()
     launch("torchrun.sh", cfg, *args, f"logging.run_dir={d}", "resume=auto")
     final = assert_same_run(straight, d, 40)
-    assert "copies" not in final and not final["sparsifier"]["copies_grow"]      # merged: one model
+    if engine == "ddp":
+        assert "copies" not in final and not final["sparsifier"]["copies_grow"]      # merged: one model
+    else:
+        assert not (d / "checkpoints" / "step_00000040" / "copy1").exists()
