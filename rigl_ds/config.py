@@ -423,6 +423,11 @@ def semantic_problems(cfg: ExperimentConfig, source: str) -> list[str]:
         out.append(f"{cfg.where('precision.dtype')}: precision.dtype='fp16' is not supported with sparsity.method="
                    "gap_parallel (each copy's loss scaler moves on its own, and the merged model would be stepped "
                    "with different scales on different ranks); use 'bf16' or 'fp32'")
+    if cfg.sparsity.method == "gap_parallel" and cfg.engine.name == "deepspeed" and cfg.train.clip_grad_norm:
+        out.append(f"{cfg.where('train.clip_grad_norm')}: train.clip_grad_norm={cfg.train.clip_grad_norm} is not supported "
+                   "with sparsity.method=gap_parallel on engine.name='deepspeed' (DeepSpeed clips within one copy, "
+                   "before merged copies average their gradients, so the merged model would not clip the norm of "
+                   "the gradient it applies); use engine.name='ddp' or 'fsdp2', or no clipping")
     if cfg.sparsity.method == "gap_parallel" and cfg.engine.name not in GAP_PARALLEL_ENGINES:
         out.append(f"{cfg.where('engine.name')}: engine.name={cfg.engine.name!r}: sparsity.method=gap_parallel splits the "
                    f"world into copies of the model, which engine.name={' or '.join(map(repr, GAP_PARALLEL_ENGINES))} "
@@ -433,7 +438,7 @@ def semantic_problems(cfg: ExperimentConfig, source: str) -> list[str]:
 
 
 #: the engines that split the world into P-GaP's copies (``split_copies``)
-GAP_PARALLEL_ENGINES = ("ddp", "fsdp2")
+GAP_PARALLEL_ENGINES = ("ddp", "fsdp2", "deepspeed")
 
 
 def for_world(cfg: ExperimentConfig, world: int) -> ExperimentConfig:

@@ -11,6 +11,11 @@ and the core, through DeepSpeed's public ``deepspeed.utils.safe_*`` accessors on
 * A skipped optimizer step (``skip_step_on_update``) still calls ``engine.step()`` — so
   DeepSpeed's counters, gradient buffers and working copies stay consistent — with the wrapped
   torch optimizer's own ``step`` made a no-op for that one call.
+* P-GaP (``gap_parallel``): DeepSpeed's data-parallel group is one copy of the model
+  (:class:`CopiesMPU`, passed as ``deepspeed.initialize(mpu=...)``), so ZeRO partitions and reduces
+  within a copy, and the ranks at the same place in every copy hold the same partitions. Merged
+  copies train one model: a step pre-hook of the wrapped torch optimizer averages the gradients it
+  is about to apply (each copy's already reduced partitions) over the copies.
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ from rigl_ds.core.engine import WholeMasks
 from rigl_ds.core.layers import MaskedLayer
 
 from . import EngineError
+from .copies import CopiesMixin, CopyGroups, broadcast_tensors
 from .dist_utils import DistributedRuntime, broadcast_masks, check_masks_equal
 from .local import ZERO_PRESERVING_OPTIMIZERS, FloatMasks, LocalEngine, MaskMultiplier
 
@@ -61,11 +67,49 @@ def _ds_utils():
     return u
 
 
-class DeepSpeedEngineAdapter(WholeMasks):
+class CopiesMPU:
+    """DeepSpeed's model-parallel unit (``mpu``) for P-GaP's copies: data parallelism within a copy
+    (:class:`~rigl_ds.engines.copies.CopyGroups`), no model, tensor or pipeline parallelism (each
+    rank its own model-parallel group of one). Every rank makes every one-rank group (as
+    ``torch.distributed.new_group`` requires)."""
+
+    def __init__(self, copies: CopyGroups) -> None:
+        self.copies = copies
+        solo = [dist.new_group([r]) for r in range(dist.get_world_size())]
+        self._solo = solo[dist.get_rank()]
+
+    def get_data_parallel_group(self):
+        return self.copies.group
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.copies.size
+
+    def get_data_parallel_rank(self) -> int:
+        return self.copies.local
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        return [self.copies.index * self.copies.size + r for r in range(self.copies.size)]
+
+    def get_model_parallel_group(self):
+        return self._solo
+
+    def get_model_parallel_world_size(self) -> int:
+        return 1
+
+    def get_model_parallel_rank(self) -> int:
+        return 0
+
+    def get_model_parallel_src_rank(self) -> int:
+        return dist.get_rank()
+
+
+class DeepSpeedEngineAdapter(CopiesMixin, WholeMasks):
     """Core :class:`~rigl_ds.core.engine.Engine` for a DeepSpeed engine (names are those of ``engine.module``)."""
 
     def __init__(self, ds_engine, base_optimizer: torch.optim.Optimizer | None = None, *,
-                 mask_sync: str = "broadcast") -> None:
+                 mask_sync: str = "broadcast", copies: CopyGroups | None = None) -> None:
+        """``copies``: P-GaP's copy groups that DeepSpeed was initialised with (:class:`CopiesMPU`);
+        without them, they are made when the world is split and checked against DeepSpeed's group."""
         if mask_sync not in ("broadcast", "verify"):
             raise ValueError(f"mask_sync must be 'broadcast' or 'verify', got {mask_sync!r}")
         self.ds = ds_engine
@@ -85,12 +129,84 @@ class DeepSpeedEngineAdapter(WholeMasks):
         self._changed_since_backward = False     # masks changed after the hook masked this step's gradients
         self._writes_suspended = False           # keeping_loaded_state()
         self.dense_grad_wanted: Callable[[], bool] = lambda: True
+        self._given_copies = copies
+        self._average_hook = None
 
     def _param(self, name: str) -> nn.Parameter:
         try:
             return self._params[name]
         except KeyError:
             raise KeyError(f"no parameter named {name!r} in the DeepSpeed engine's module") from None
+
+    # ------------------------------------------------------------------ P-GaP's copies
+    def _make_copies(self, kappa: int) -> CopyGroups:
+        copies = self._given_copies or CopyGroups(kappa)
+        if copies.kappa != kappa:
+            raise ValueError(f"DeepSpeed was initialised with {copies.kappa} P-GaP copies, not gap_partitions={kappa}")
+        group = getattr(self.ds, "seq_data_parallel_group", None) or getattr(self.ds, "data_parallel_group", None)
+        want = [copies.index * copies.size + r for r in range(copies.size)]
+        got = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
+        if got != want:
+            raise ValueError(f"gap_parallel under DeepSpeed: its data-parallel group is ranks {got}, but copy "
+                             f"{copies.index} of gap_partitions={kappa} is ranks {want}: initialise DeepSpeed with "
+                             "mpu=rigl_ds.engines.deepspeed.CopiesMPU(CopyGroups(kappa))")
+        # merged copies: the torch optimizer averages what it applies over the copies first
+        self._average_hook = self.base_optimizer.register_step_pre_hook(self._average_over_copies)
+        return copies
+
+    def _average_over_copies(self, optimizer, *_args) -> None:
+        self.average_grads_over_copies([p.grad for g in optimizer.param_groups for p in g["params"]
+                                        if p.grad is not None])
+
+    def _mask_group(self):
+        return self.copies.group if self.apart else None
+
+    @torch.no_grad()
+    def merge_copies(self, owners: Mapping[str, int]) -> None:
+        """Every parameter (fp32 master, working copy, per-element optimizer state) from the copy that
+        owns it (the rule of :meth:`CopiesMixin.merge_copies`), one parameter at a time: read whole
+        through the ``safe_*`` accessors (within a copy), broadcast over the peers, written back."""
+        u = _ds_utils()
+        self._link_loaded_optimizer_state()
+        keys = self._state_keys()
+        layer_of = {id(self._params[n]): n for n in owners}
+        current = owners[next(iter(owners))] if owners else 0
+        for p in self._params.values():
+            name = layer_of.get(id(p))
+            if name is not None:
+                current = owners[name]
+            src = self.copies.src(current)
+            direct = self.base_optimizer.state.get(p)     # stage 0 fp32: the torch optimizer holds p itself
+            if direct is not None:
+                broadcast_tensors([p.data] + [v for v in direct.values() if torch.is_tensor(v)], src=src,
+                                  group=self.copies.peers)
+                continue
+            master = u.safe_get_full_fp32_param(p)
+            states = {k: u.safe_get_full_optimizer_state(p, k) for k in keys}
+            states = {k: v for k, v in states.items() if v is not None}
+            full = [master] if master is not None else []
+            broadcast_tensors(full + list(states.values()), src=src, group=self.copies.peers)
+            if master is not None:
+                u.safe_set_full_fp32_param(p, master)
+            for k, v in states.items():
+                u.safe_set_full_optimizer_state(p, v, k)
+            if self.stage < 3:                       # the module's working copy
+                if master is None:
+                    broadcast_tensors([p.data], src=src, group=self.copies.peers)
+                else:
+                    p.data.copy_(master.to(p.device, p.dtype))
+            elif master is not None:
+                self._write_gathered(p, lambda data, m=master: data.copy_(m.to(data.device, data.dtype)))
+
+    def _write_gathered(self, p: nn.Parameter, edit: Callable[[Tensor], Any]) -> None:
+        """ZeRO-3: ``edit(p.data)`` on the whole parameter by the first rank of its group, which
+        DeepSpeed then partitions to all of the group."""
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+            group = getattr(p, "ds_process_group", None)
+            if dist.get_rank(group) == 0:
+                edit(p.data)
 
     # ------------------------------------------------------------------ core Engine protocol
     def bind(self, layers: Sequence[MaskedLayer], masks: Mapping[str, Tensor],
@@ -102,10 +218,14 @@ class DeepSpeedEngineAdapter(WholeMasks):
         self._hook_handles = [self._param(l.name).register_hook(self._make_hook(l.name)) for l in layers]
 
     def remove_hooks(self) -> None:
-        """Take the gradient hooks off the parameters (the adapter masks no gradient after this)."""
+        """Take the gradient hooks off the parameters (the adapter masks no gradient after this), and
+        P-GaP's optimizer pre-hook."""
         for h in self._hook_handles:
             h.remove()
         self._hook_handles = []
+        if self._average_hook is not None:
+            self._average_hook.remove()
+            self._average_hook = None
 
     def _make_hook(self, name: str) -> Callable[[Tensor], Tensor]:
         def hook(grad: Tensor) -> Tensor:
@@ -144,11 +264,7 @@ class DeepSpeedEngineAdapter(WholeMasks):
         if self.stage < 3:                      # the module's working copy
             p.data.mul_(mask.to(p.device))
         else:
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
-                if torch.distributed.get_rank() == 0:
-                    p.data.mul_(mask.to(p.device))
+            self._write_gathered(p, lambda data: data.mul_(mask.to(data.device)))
 
     def _state_keys(self) -> list[str]:
         keys: list[str] = []
@@ -212,12 +328,13 @@ class DeepSpeedEngineAdapter(WholeMasks):
             self.apply_mask(layer.name, self._masks[layer.name])
 
     def sync_masks(self, masks: Mapping[str, Tensor]) -> None:
+        group = self._mask_group()
         if self.mask_sync == "broadcast":
-            broadcast_masks(masks, src=0)
-        check_masks_equal(masks)
+            broadcast_masks(masks, src=0 if group is None else dist.get_global_rank(group, 0), group=group)
+        check_masks_equal(masks, group=group)
 
     def check_masks(self, masks: Mapping[str, Tensor]) -> None:
-        check_masks_equal(masks)
+        check_masks_equal(masks, group=self._mask_group())
 
     def optimizer_keeps_zeros(self) -> bool:
         return type(self.base_optimizer) in ZERO_PRESERVING_OPTIMIZERS
@@ -285,17 +402,23 @@ class DeepSpeedRuntime(DistributedRuntime):
 
     @classmethod
     def create(cls, cfg, model, optimizer_fn, device) -> "DeepSpeedRuntime":
+        copies = cfg.sparsity.gap_partitions if cfg.sparsity.method == "gap_parallel" else None
         ds_cfg = deepspeed_config(cfg.engine.deepspeed_config, micro_batch=cfg.data.batch_size,
-                                  grad_accumulation=cfg.train.grad_accumulation, world=dist.get_world_size(),
+                                  grad_accumulation=cfg.train.grad_accumulation,
+                                  world=dist.get_world_size() // (copies or 1),
                                   dtype=cfg.precision.dtype, clip_grad_norm=cfg.train.clip_grad_norm)
-        return cls(model, optimizer_fn(model), ds_cfg, mask_sync=cfg.engine.mask_sync)
+        return cls(model, optimizer_fn(model), ds_cfg, mask_sync=cfg.engine.mask_sync, copies=copies)
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict, *,
-                 mask_sync: str) -> None:
+                 mask_sync: str, copies: int | None = None) -> None:
+        """``copies``: P-GaP's number of copies (``gap_partitions``): DeepSpeed's data-parallel group
+        is then one copy (:class:`CopiesMPU`), and ``ds_config``'s batch sizes count one copy's ranks."""
         import deepspeed
 
         self.dist = dist
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        self.copies = CopyGroups(copies) if copies else None
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
+                                               mpu=None if copies is None else CopiesMPU(self.copies))
         super().__init__(engine.module, optimizer, engine.device, None)
         self.ds, self.forward_model = engine, engine
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -319,7 +442,7 @@ class DeepSpeedRuntime(DistributedRuntime):
         return not bool(flag)
 
     def sparse_engine(self):
-        self._adapter = DeepSpeedEngineAdapter(self.ds, self.optimizer, mask_sync=self.mask_sync)
+        self._adapter = DeepSpeedEngineAdapter(self.ds, self.optimizer, mask_sync=self.mask_sync, copies=self.copies)
         return self._adapter
 
     def start_step(self) -> None:
@@ -354,8 +477,15 @@ class DeepSpeedRuntime(DistributedRuntime):
         return ckpt.list_folders(ckpt_dir)
 
     def save(self, state: dict[str, Any], ckpt_dir: pathlib.Path, step: int, keep_last: int) -> pathlib.Path:
+        """DeepSpeed's folder; P-GaP's copy c > 0 writes its own DeepSpeed checkpoint into the
+        folder's ``copy<c>`` (at every save: DeepSpeed's save is a collective of all ranks, and its
+        files are named by the rank within a copy)."""
         tag = f"step_{step:08d}"
-        self.ds.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"rigl_ds": state})
+        if self.copies is None or self.copies.index == 0:
+            self.ds.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"rigl_ds": state})
+        else:
+            self.ds.save_checkpoint(str(ckpt_dir / tag), tag=f"copy{self.copies.index}",
+                                    client_state={"rigl_ds": state}, save_latest=False)
         self.barrier()
         if self.rank == 0:
             ckpt.write_manifest(ckpt_dir / tag)
@@ -368,8 +498,17 @@ class DeepSpeedRuntime(DistributedRuntime):
             raise ckpt.CheckpointError(f"checkpoint {path} does not exist (DeepSpeed checkpoints are folders)")
         ckpt.verify_folder(path)
         ckpt.check_deepspeed_folder(path)
+        parent, tag = path.parent, path.name
+        if self.copies is not None:
+            saved = sorted(p.name for p in path.glob("copy*") if p.is_dir())
+            if saved != [f"copy{c}" for c in range(1, self.copies.kappa)]:
+                raise ckpt.CheckpointError(f"checkpoint {path} holds P-GaP copies {['.'] + saved}; this run has "
+                                           f"gap_partitions={self.copies.kappa}")
+            if self.copies.index > 0:
+                parent, tag = path, f"copy{self.copies.index}"
+                ckpt.check_deepspeed_folder(path / tag)
         try:
-            _, client = self.ds.load_checkpoint(str(path.parent), tag=path.name)
+            _, client = self.ds.load_checkpoint(str(parent), tag=tag)
         except (RuntimeError, ValueError, KeyError) as e:
             raise ckpt.CheckpointError(f"checkpoint {path} does not fit this model/optimizer (another model or "
                                        f"ZeRO layout?): {str(e).splitlines()[0]}") from None

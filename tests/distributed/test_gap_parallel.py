@@ -53,8 +53,40 @@ def fsdp2_worker(rank, world):
     return train(model, model, opt, engine, rank, world)
 
 
-def train(model, forward, opt, engine, rank, world):
-    """The loop of both engines; masks and weights returned whole."""
+def ds_worker(rank, world, stage):
+    """DeepSpeed (fp32: it reduces no float64) with P-GaP's copies as its data-parallel groups."""
+    import deepspeed
+
+    from rigl_ds.engines.copies import CopyGroups
+    from rigl_ds.engines.deepspeed import CopiesMPU, DeepSpeedEngineAdapter, init_deepspeed_comm
+
+    init_deepspeed_comm("gloo")
+    model = make_nobn(seed=0, dtype=torch.float32)     # DeepSpeed broadcasts within a copy only
+    opt = torch.optim.SGD(model.parameters(), **LR)
+    copies = CopyGroups(KAPPA)
+    cfg = {"train_micro_batch_size_per_gpu": 16 // world, "gradient_accumulation_steps": 1, "steps_per_print": 10**9,
+           "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True}
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg, mpu=CopiesMPU(copies))
+    adapter = DeepSpeedEngineAdapter(engine, opt, copies=copies)
+
+    def step(sp):
+        adapter.step(apply=sp.step())
+
+    def weights():
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        out = {}
+        for n, p in engine.module.named_parameters():
+            master = safe_get_full_fp32_param(p)
+            out[n] = (master if master is not None else p.detach()).clone()
+        return out
+
+    return train(engine.module, engine, opt, adapter, rank, world, dtype=torch.float32,
+                 backward=engine.backward, step=step, weights=weights)
+
+
+def train(model, forward, opt, engine, rank, world, *, dtype=torch.float64, backward=None, step=None, weights=None):
+    """The loop of every engine; masks and weights returned whole."""
     sp = pgap(model, opt, engine)
     size = world // KAPPA
     assert (sp.copy, sp.copies.size) == (rank // size, size)
@@ -68,18 +100,25 @@ def train(model, forward, opt, engine, rank, world):
     masks = [whole_masks()]
     counts = [dict(sp.nnz)]
     for t in range(STEPS):
-        x, y = batch(t, dtype=torch.float64)
+        x, y = batch(t, dtype=dtype)
         part = x.shape[0] // world
-        opt.zero_grad()
-        F.cross_entropy(forward(x[rank * part:(rank + 1) * part]), y[rank * part:(rank + 1) * part]).backward()
-        if sp.step():
+        if backward is None:
+            opt.zero_grad()
+        loss = F.cross_entropy(forward(x[rank * part:(rank + 1) * part]), y[rank * part:(rank + 1) * part])
+        loss.backward() if backward is None else backward(loss)
+        if step is not None:
+            step(sp)
+        elif sp.step():
             opt.step()
         if sp.last_update and sp.last_update["step"] == t:
             masks.append(whole_masks())
             counts.append(dict(sp.nnz))
-    weights = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
-               for n, p in model.named_parameters()}
-    return masks, counts, weights, sp.last_update
+    if weights is None:
+        final = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+                 for n, p in model.named_parameters()}
+    else:
+        final = weights()
+    return masks, counts, final, sp.last_update
 
 
 def top_by_magnitude(w, k):
@@ -90,9 +129,9 @@ def top_by_magnitude(w, k):
     return mask.view(w.shape)
 
 
-def reference():
+def reference(dtype=torch.float64):
     """Masks after init and each merge per copy, and the final weights, computed without gap.py."""
-    model = make_nobn(seed=0)
+    model = make_nobn(seed=0, dtype=dtype)
     base = get_method("static")(copy.deepcopy(model), None, total_steps=STEPS, sparsity=0.8)   # the same draw
     final = dict(base.nnz)
     numel = {n: m.numel() for n, m in base.masks.items()}
@@ -120,7 +159,7 @@ def reference():
 
     t_end = T * ROUNDS
     for t in range(t_end + 1):
-        x, y = batch(t, dtype=torch.float64)
+        x, y = batch(t, dtype=dtype)
         merge = t > 0 and t % T == 0
         for c, (m, opt, masks) in enumerate(copies):
             train(m, opt, masks, x[c * 8:(c + 1) * 8], y[c * 8:(c + 1) * 8], step=not merge)
@@ -154,13 +193,14 @@ def reference():
         seen.append([{n: v.clone() for n, v in cm.items()} for *_, cm in copies])
     m, opt, masks = copies[0]
     for t in range(t_end + 1, STEPS):
-        x, y = batch(t, dtype=torch.float64)
+        x, y = batch(t, dtype=dtype)
         train(m, opt, masks, x, y, step=True)
     return seen, {n: p.detach().clone() for n, p in m.named_parameters()}, final, numel, owner
 
 
-def check_against_reference(results, world):
-    ref_masks, ref_w, final, numel, owner = reference()
+def check_against_reference(results, world, dtype=torch.float64):
+    ref_masks, ref_w, final, numel, owner = reference(dtype)
+    tol = dict(rtol=1e-9, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-6)
     size = world // KAPPA
     for rank, (masks, counts, weights, last) in enumerate(results):
         copy = rank // size
@@ -174,7 +214,7 @@ def check_against_reference(results, world):
             grow = i < ROUNDS
             assert c == {n: numel[n] if grow and owner[n] == copy else final[n] for n in final}, (rank, i)
         for n, w in ref_w.items():
-            torch.testing.assert_close(weights[n], w, rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(weights[n], w, **tol)
         assert last["merged"] and last["dense_partition"] == -1 and last["due_step"] == T * ROUNDS
     for r in range(1, world):       # fine-tuned together: one model on every rank, bit for bit
         for n in ref_w:
@@ -191,6 +231,15 @@ def test_fsdp2_copies_equal_the_reference(world):
     """The same run under FSDP2, each copy sharded over its own ranks (with 2 ranks a copy, its
     shards are merged and averaged between the ranks at the same place in each copy)."""
     check_against_reference(run_ranks(fsdp2_worker, world=world), world)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage,world", [(0, 2), (2, 2), (3, 2), (2, 4), (3, 4)])
+def test_deepspeed_copies_equal_the_reference(stage, world):
+    """The same run under DeepSpeed ZeRO ``stage``, each copy DeepSpeed's data-parallel group (fp32);
+    with 2 ranks a copy, ZeRO partitions within the copy, and merges and averages go between the
+    ranks holding the same partitions."""
+    check_against_reference(run_ranks(ds_worker, stage, world=world), world, torch.float32)
 
 
 def test_world_not_divisible_by_the_copies_is_refused():
