@@ -271,39 +271,57 @@ def refused_worker(rank, world):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2", "deepspeed"])
 def test_torchrun_killed_mid_phase_resumes_exactly_across_the_merges(tmp_path, engine):
-    """``rigl-ds train`` under torchrun, 2 copies of one rank: rank 1 is killed at step 25 (its copy
-    apart since the merge at step 15); resume=auto from the step-20 checkpoint, which holds copy 1's
-    model and optimizer state, crosses the last merge (step 30) and ends, at step 40, bit-identical to
-    an uninterrupted run (checkpoint and TensorBoard). DDP: one file, copy 1's state in it; FSDP2: a
-    DCP folder, copy 1's shards in its ``copy1/``."""
+    """``rigl-ds train`` under torchrun (DeepSpeed: its launcher, ZeRO-2), 2 copies of one rank: rank 1
+    is killed at step 25 (its copy apart since the merge at step 15); resume=auto from the step-20
+    checkpoint, which holds copy 1's model and optimizer state, crosses the last merge (step 30) and
+    ends, at step 40, bit-identical to an uninterrupted run (checkpoint and TensorBoard). DDP: one
+    file, copy 1's state in it; FSDP2: a DCP folder, copy 1's shards in its ``copy1/``; DeepSpeed:
+    its folder, copy 1's own DeepSpeed checkpoint in ``copy1/``."""
     from rigl_ds import checkpoint as ckpt
-    from tests.compare import assert_same_run
+    from tests.compare import _ds_folder, assert_same, assert_same_run
     from tests.distributed.test_launchers import ROOT, launch
 
     cfg = str(ROOT / "configs" / "quickstart_ddp.yaml")
     args = ["train.epochs=2", "sparsity.method=gap_parallel", "sparsity.gap_partitions=2", "sparsity.gap_phase=15",
             "sparsity.gap_rounds=2", "logging.log_every=5", "logging.progress=false", "checkpoint.every_steps=10",
-            "checkpoint.keep_last=3", "train.max_steps=40", f"engine.name={engine}"]
+            "checkpoint.keep_last=3", "train.max_steps=40"]
+    if engine == "deepspeed":
+        script, lead = "deepspeed.sh", [cfg, str(ROOT / "ds_configs" / "zero2_fp32.json")]
+    else:
+        script, lead = "torchrun.sh", [cfg, f"engine.name={engine}"]
     straight, d = tmp_path / "straight", tmp_path / "run"
-    launch("torchrun.sh", cfg, *args, f"logging.run_dir={straight}")
-    p = launch("torchrun.sh", cfg, *args, f"logging.run_dir={d}", check=False,
+    launch(script, *lead, *args, f"logging.run_dir={straight}")
+    p = launch(script, *lead, *args, f"logging.run_dir={d}", check=False,
                env={"RIGL_DS_FAULT": "step:25", "RIGL_DS_FAULT_RANK": "1"})
-    assert p.returncode != 0 and "SIGKILL" in p.stdout + p.stderr, (p.stdout + p.stderr)[-3000:]
+    assert p.returncode != 0, (p.stdout + p.stderr)[-3000:]
+    if engine != "deepspeed":
+        assert "SIGKILL" in p.stdout + p.stderr, (p.stdout + p.stderr)[-3000:]
+    folder = d / "checkpoints" / "step_00000020"
     if engine == "ddp":
-        saved = ckpt.load(d / "checkpoints" / "step_00000020.pt")
+        saved = ckpt.load(folder.with_suffix(".pt"))
         assert saved["sparsifier"]["copies_grow"] and len(saved["copies"]) == 1
         other = saved["copies"][0]["model"]
         assert any(not torch.equal(other[k], saved["model"][k]) for k in other)      # the copies differ mid-phase
-    else:
-        folder = d / "checkpoints" / "step_00000020"
+    elif engine == "fsdp2":
         assert ckpt.load(folder / "rigl_ds.pt")["sparsifier"]["copies_grow"]
         assert sorted(p.name for p in folder.glob("copy*")) == ["copy1"]
         assert (folder / "copy1" / ".metadata").is_file()
-    launch("torchrun.sh", cfg, *args, f"logging.run_dir={d}", "resume=auto")
+    else:
+        main, other = (_ds_folder(f)["mp_rank_00_model_states.pt"] for f in (folder, folder / "copy1"))
+        assert main["rigl_ds"]["sparsifier"]["copies_grow"]
+        assert any(not torch.equal(other["module"][k], main["module"][k]) for k in main["module"])
+    launch(script, *lead, *args, f"logging.run_dir={d}", "resume=auto")
     final = assert_same_run(straight, d, 40)
     if engine == "ddp":
         assert "copies" not in final and not final["sparsifier"]["copies_grow"]      # merged: one model
-    else:
+    elif engine == "fsdp2":
         assert not (d / "checkpoints" / "step_00000040" / "copy1").exists()
+    else:           # every copy saves (DeepSpeed's save is a collective of all ranks): merged, the same model
+        end = [_ds_folder(r / "checkpoints" / "step_00000040" / "copy1") for r in (straight, d)]
+        assert_same(end[0], end[1])
+        mine, theirs = final["mp_rank_00_model_states.pt"]["module"], end[0]["mp_rank_00_model_states.pt"]["module"]
+        params = [k for k in mine if "running_" not in k and "num_batches" not in k]   # BatchNorm statistics: each rank's
+        assert params and all(torch.equal(theirs[k], mine[k]) for k in params), \
+            [k for k in params if not torch.equal(theirs[k], mine[k])]
