@@ -276,8 +276,8 @@ class GaPParallel(_GaP):
     model with fixed masks.
 
     The world is split into kappa groups of consecutive ranks (``world % kappa == 0``), each
-    data-parallel over its copy: the engine must support it (:meth:`DDPEngine.split_copies
-    <rigl_ds.engines.ddp.DDPEngine.split_copies>`). Choices, each written in README ("Methods"):
+    data-parallel over its copy: the engine must support it (:meth:`CopiesMixin.split_copies
+    <rigl_ds.engines.copies.CopiesMixin.split_copies>`: DDP, FSDP2, DeepSpeed). Choices, each written in README ("Methods"):
 
     * every rank keeps its slice of each global batch, so copy i trains on its ranks' share
       (1/kappa of every global batch) and the run costs the examples and steps of any other method;
@@ -323,7 +323,7 @@ class GaPParallel(_GaP):
         split = getattr(self.engine, "split_copies", None)
         if split is None:
             raise ValueError(f"gap_parallel needs an engine that splits the world into gap_partitions="
-                             f"{self.schedule.partitions} copies (DDP); {type(self.engine).__name__} does not")
+                             f"{self.schedule.partitions} copies (DDP, FSDP2, DeepSpeed); {type(self.engine).__name__} does not")
         #: the engine's copy groups: ``index`` (this rank's copy), ``size`` (ranks per copy)
         self.copies = split(self.schedule.partitions)
         self.copy: int = self.copies.index

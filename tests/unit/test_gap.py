@@ -223,11 +223,17 @@ def test_gap_parallel_refuses_what_it_cannot_do(kw, match):
                     gap_phase=5, **kw)
 
 
-def test_gap_parallel_config_needs_the_ddp_engine():
+def test_gap_parallel_config_needs_an_engine_with_copies():
+    """One process holds no copies; DeepSpeed's clipping would act within a copy: both refused by name."""
     from rigl_ds.config import ConfigError, load_config
 
-    with pytest.raises(ConfigError, match=r"engine.name='deepspeed': sparsity.method=gap_parallel .* only "
-                                          r"engine.name='ddp'"):
-        load_config(pathlib.Path(__file__).resolve().parents[2] / "configs" / "quickstart_ddp.yaml",
-                    ["sparsity.method=gap_parallel", "engine.name=deepspeed",
-                                                    "engine.deepspeed_config=ds_configs/zero2_fp32.json"])
+    yaml = pathlib.Path(__file__).resolve().parents[2] / "configs" / "quickstart_ddp.yaml"
+    with pytest.raises(ConfigError, match=r"engine.name='local': sparsity.method=gap_parallel .* "
+                                          r"engine.name='ddp' or 'fsdp2' or 'deepspeed'"):
+        load_config(yaml, ["sparsity.method=gap_parallel", "engine.name=local"])
+    ds = ["sparsity.method=gap_parallel", "engine.name=deepspeed", "engine.deepspeed_config=ds_configs/zero2_fp32.json"]
+    with pytest.raises(ConfigError, match=r"train.clip_grad_norm=1.0 is not supported with sparsity.method="
+                                          r"gap_parallel on engine.name='deepspeed'"):
+        load_config(yaml, ds + ["train.clip_grad_norm=1.0"])
+    assert load_config(yaml, ["sparsity.method=gap_parallel", "engine.name=fsdp2"]).engine.name == "fsdp2"
+    assert load_config(yaml, ds).engine.name == "deepspeed"
