@@ -271,14 +271,15 @@ def refused_worker(rank, world):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", ["ddp", "fsdp2", "deepspeed"])
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2", "fsdp2-4-ranks", "deepspeed"])
 def test_torchrun_killed_mid_phase_resumes_exactly_across_the_merges(tmp_path, engine):
     """``rigl-ds train`` under torchrun (DeepSpeed: its launcher, ZeRO-2), 2 copies of one rank: rank 1
     is killed at step 25 (its copy apart since the merge at step 15); resume=auto from the step-20
     checkpoint, which holds copy 1's model and optimizer state, crosses the last merge (step 30) and
     ends, at step 40, bit-identical to an uninterrupted run (checkpoint and TensorBoard). DDP: one
     file, copy 1's state in it; FSDP2: a DCP folder, copy 1's shards in its ``copy1/``; DeepSpeed:
-    its folder, copy 1's own DeepSpeed checkpoint in ``copy1/``."""
+    its folder, copy 1's own DeepSpeed checkpoint in ``copy1/``. ``fsdp2-4-ranks``: 2 copies of 2
+    ranks (bf16), each copy's shards saved and loaded by its own ranks."""
     from rigl_ds import checkpoint as ckpt
     from tests.compare import _ds_folder, assert_same, assert_same_run
     from tests.distributed.test_launchers import ROOT, launch
@@ -287,14 +288,18 @@ def test_torchrun_killed_mid_phase_resumes_exactly_across_the_merges(tmp_path, e
     args = ["train.epochs=2", "sparsity.method=gap_parallel", "sparsity.gap_partitions=2", "sparsity.gap_phase=15",
             "sparsity.gap_rounds=2", "logging.log_every=5", "logging.progress=false", "checkpoint.every_steps=10",
             "checkpoint.keep_last=3", "train.max_steps=40"]
+    env = {}
     if engine == "deepspeed":
         script, lead = "deepspeed.sh", [cfg, str(ROOT / "ds_configs" / "zero2_fp32.json")]
+    elif engine == "fsdp2-4-ranks":
+        script, lead, env, engine = "torchrun.sh", [cfg, "engine.name=fsdp2", "precision.dtype=bf16"], \
+            {"NPROC_PER_NODE": "4"}, "fsdp2"
     else:
         script, lead = "torchrun.sh", [cfg, f"engine.name={engine}"]
     straight, d = tmp_path / "straight", tmp_path / "run"
-    launch(script, *lead, *args, f"logging.run_dir={straight}")
+    launch(script, *lead, *args, f"logging.run_dir={straight}", env=env)
     p = launch(script, *lead, *args, f"logging.run_dir={d}", check=False,
-               env={"RIGL_DS_FAULT": "step:25", "RIGL_DS_FAULT_RANK": "1"})
+               env=dict(env, RIGL_DS_FAULT="step:25", RIGL_DS_FAULT_RANK="1"))
     assert p.returncode != 0, (p.stdout + p.stderr)[-3000:]
     if engine != "deepspeed":
         assert "SIGKILL" in p.stdout + p.stderr, (p.stdout + p.stderr)[-3000:]
@@ -312,7 +317,7 @@ def test_torchrun_killed_mid_phase_resumes_exactly_across_the_merges(tmp_path, e
         main, other = (_ds_folder(f)["mp_rank_00_model_states.pt"] for f in (folder, folder / "copy1"))
         assert main["rigl_ds"]["sparsifier"]["copies_grow"]
         assert any(not torch.equal(other["module"][k], main["module"][k]) for k in main["module"])
-    launch(script, *lead, *args, f"logging.run_dir={d}", "resume=auto")
+    launch(script, *lead, *args, f"logging.run_dir={d}", "resume=auto", env=env)
     final = assert_same_run(straight, d, 40)
     if engine == "ddp":
         assert "copies" not in final and not final["sparsifier"]["copies_grow"]      # merged: one model
