@@ -131,6 +131,7 @@ class DeepSpeedEngineAdapter(CopiesMixin, WholeMasks):
         self.dense_grad_wanted: Callable[[], bool] = lambda: True
         self._given_copies = copies
         self._average_hook = None
+        self._masters: dict[int, Tensor] | None = None     # _unfused_master
 
     def _param(self, name: str) -> nn.Parameter:
         try:
@@ -176,9 +177,10 @@ class DeepSpeedEngineAdapter(CopiesMixin, WholeMasks):
             if name is not None:
                 current = owners[name]
             src = self.copies.src(current)
-            direct = self.base_optimizer.state.get(p)     # stage 0 fp32: the torch optimizer holds p itself
-            if direct is not None:
-                broadcast_tensors([p.data] + [v for v in direct.values() if torch.is_tensor(v)], src=src,
+            master, direct = self._held(p)               # ZeRO-0: the torch optimizer holds them itself
+            if master is not None or direct is not None:
+                held = [p.data] + ([master.data] if master is not None else [])
+                broadcast_tensors(held + [v for v in (direct or {}).values() if torch.is_tensor(v)], src=src,
                                   group=self.copies.peers)
                 continue
             master = u.safe_get_full_fp32_param(p)
@@ -244,10 +246,31 @@ class DeepSpeedEngineAdapter(CopiesMixin, WholeMasks):
         mask = self._masks[name]
         return self._mul.copy(grad, mask, self._float.get(name, mask, grad))
 
+    def _unfused_master(self, p: nn.Parameter) -> Tensor | None:
+        """ZeRO-0 bf16/fp16 with a torch optimizer: DeepSpeed's ``FP16_UnfusedOptimizer`` keeps an fp32
+        master of each module parameter (its ``fp32_groups``, parallel to ``fp16_groups``), which the
+        torch optimizer steps and which is copied into the module after each step; no ``safe_*``
+        accessor reaches it. None elsewhere."""
+        if self._masters is None:
+            opt = self.ds.optimizer
+            lo, hi = getattr(opt, "fp16_groups", None), getattr(opt, "fp32_groups", None)
+            self._masters = {id(a): b for ga, gb in zip(lo or [], hi or [])
+                             if isinstance(ga, (list, tuple)) and isinstance(gb, (list, tuple)) for a, b in zip(ga, gb)}
+        return self._masters.get(id(p))
+
+    def _held(self, p: nn.Parameter) -> tuple[Tensor | None, dict | None]:
+        """(fp32 master, optimizer state) of ``p`` where the torch optimizer holds them itself (ZeRO-0:
+        ``p`` fp32, or ``p``'s unfused master); state None before the first step and under ZeRO 1-3
+        or DeepSpeed's bf16 optimizer (the ``safe_*`` accessors' business)."""
+        master = self._unfused_master(p)
+        return master, self.base_optimizer.state.get(master if master is not None else p)
+
     def weight(self, name: str) -> Tensor:
         p = self._param(name)
         w = _ds_utils().safe_get_full_fp32_param(p)
-        return w if w is not None else p.detach()
+        if w is None:
+            w = self._unfused_master(p)
+        return w.detach() if w is not None else p.detach()
 
     def dense_grad(self, name: str) -> Tensor | None:
         return _ds_utils().safe_get_full_grad(self._param(name))
@@ -261,6 +284,8 @@ class DeepSpeedEngineAdapter(CopiesMixin, WholeMasks):
         w = u.safe_get_full_fp32_param(p)
         if w is not None:                       # the fp32 master (ZeRO 1-3, bf16/fp16 optimizers)
             u.safe_set_full_fp32_param(p, w * mask.to(w.device))
+        elif (master := self._unfused_master(p)) is not None:       # ZeRO-0 bf16/fp16
+            master.data.mul_(mask.to(master.device))
         if self.stage < 3:                      # the module's working copy
             p.data.mul_(mask.to(p.device))
         else:
@@ -290,12 +315,14 @@ class DeepSpeedEngineAdapter(CopiesMixin, WholeMasks):
         self._link_loaded_optimizer_state()
         u = _ds_utils()
         p = self._param(name)
-        direct = self.base_optimizer.state.get(p)    # stage 0 fp32: the torch optimizer holds p itself
+        master, direct = self._held(p)               # ZeRO-0: the torch optimizer's own state
         if direct is not None:
             for v in direct.values():
                 if torch.is_tensor(v) and v.shape == p.shape:
-                    v.mul_(keep)
+                    v.mul_(keep.to(v.device))
             return
+        if master is not None:
+            return                                   # no state before the first step
         for key in self._state_keys():
             s = u.safe_get_full_optimizer_state(p, key)
             if s is not None and s.shape == keep.shape:
@@ -406,7 +433,8 @@ class DeepSpeedRuntime(DistributedRuntime):
         ds_cfg = deepspeed_config(cfg.engine.deepspeed_config, micro_batch=cfg.data.batch_size,
                                   grad_accumulation=cfg.train.grad_accumulation,
                                   world=dist.get_world_size() // (copies or 1),
-                                  dtype=cfg.precision.dtype, clip_grad_norm=cfg.train.clip_grad_norm)
+                                  dtype=cfg.precision.dtype, clip_grad_norm=cfg.train.clip_grad_norm,
+                                  copies=copies)
         return cls(model, optimizer_fn(model), ds_cfg, mask_sync=cfg.engine.mask_sync, copies=copies)
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict, *,
@@ -478,13 +506,13 @@ class DeepSpeedRuntime(DistributedRuntime):
 
     def save(self, state: dict[str, Any], ckpt_dir: pathlib.Path, step: int, keep_last: int) -> pathlib.Path:
         """DeepSpeed's folder; P-GaP's copy c > 0 writes its own DeepSpeed checkpoint into the
-        folder's ``copy<c>`` (at every save: DeepSpeed's save is a collective of all ranks, and its
-        files are named by the rank within a copy)."""
+        folder's ``copy<c>/<tag>`` (at every save: DeepSpeed's save is a collective of all ranks, and
+        its files are named by the rank within a copy)."""
         tag = f"step_{step:08d}"
         if self.copies is None or self.copies.index == 0:
             self.ds.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"rigl_ds": state})
-        else:
-            self.ds.save_checkpoint(str(ckpt_dir / tag), tag=f"copy{self.copies.index}",
+        else:       # the same tag on every rank (DeepSpeed checks it across the world), another folder
+            self.ds.save_checkpoint(str(ckpt_dir / tag / f"copy{self.copies.index}"), tag=tag,
                                     client_state={"rigl_ds": state}, save_latest=False)
         self.barrier()
         if self.rank == 0:
@@ -499,14 +527,17 @@ class DeepSpeedRuntime(DistributedRuntime):
         ckpt.verify_folder(path)
         ckpt.check_deepspeed_folder(path)
         parent, tag = path.parent, path.name
+        saved = sorted(p.name for p in path.glob("copy*") if p.is_dir())
+        if self.copies is None and saved:
+            raise ckpt.CheckpointError(f"checkpoint {path} holds P-GaP copies {['.'] + saved}; resume it with "
+                                       "sparsity.method=gap_parallel")
         if self.copies is not None:
-            saved = sorted(p.name for p in path.glob("copy*") if p.is_dir())
             if saved != [f"copy{c}" for c in range(1, self.copies.kappa)]:
                 raise ckpt.CheckpointError(f"checkpoint {path} holds P-GaP copies {['.'] + saved}; this run has "
                                            f"gap_partitions={self.copies.kappa}")
             if self.copies.index > 0:
-                parent, tag = path, f"copy{self.copies.index}"
-                ckpt.check_deepspeed_folder(path / tag)
+                parent = path / f"copy{self.copies.index}"
+                ckpt.check_deepspeed_folder(parent / tag)
         try:
             _, client = self.ds.load_checkpoint(str(parent), tag=tag)
         except (RuntimeError, ValueError, KeyError) as e:
@@ -518,9 +549,10 @@ class DeepSpeedRuntime(DistributedRuntime):
 
 
 def deepspeed_config(path: str, *, micro_batch: int, grad_accumulation: int, world: int, dtype: str,
-                     clip_grad_norm: float | None = None) -> dict:
+                     clip_grad_norm: float | None = None, copies: int | None = None) -> dict:
     """Load a DeepSpeed JSON and fill in (or check) its batch sizes, precision and gradient clipping
-    from the YAML (the YAML decides; a JSON value that differs is refused, 0 or "auto" defer)."""
+    from the YAML (the YAML decides; a JSON value that differs is refused, 0 or "auto" defer).
+    ``copies`` (P-GaP): ``world`` is then one copy's ranks, and optimizer offload is refused."""
     p = pathlib.Path(path)
     try:
         cfg = json.loads(p.read_text())
@@ -544,6 +576,11 @@ def deepspeed_config(path: str, *, micro_batch: int, grad_accumulation: int, wor
         if key in cfg and enabled != on:
             problems.append(f"{p}: {key}.enabled={enabled} but precision.dtype={dtype!r}")
         cfg.setdefault(key, {})["enabled"] = on
+    offload = (cfg.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device", "none")
+    if copies and offload not in (None, "none"):
+        problems.append(f"{p}: zero_optimization.offload_optimizer.device={offload!r} is not supported with "
+                        "sparsity.method=gap_parallel (merged copies average, on the accelerator, the gradients "
+                        "the optimizer applies); use 'none'")
     if problems:
         raise EngineError("DeepSpeed config disagrees with the experiment:\n  " + "\n  ".join(problems))
     cfg.update(want)

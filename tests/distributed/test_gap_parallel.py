@@ -53,8 +53,8 @@ def fsdp2_worker(rank, world):
     return train(model, model, opt, engine, rank, world)
 
 
-def ds_worker(rank, world, stage):
-    """DeepSpeed (fp32: it reduces no float64) with P-GaP's copies as its data-parallel groups."""
+def ds_worker(rank, world, stage, bf16=False):
+    """DeepSpeed (fp32: it reduces no float64; or bf16) with P-GaP's copies as its data-parallel groups."""
     import deepspeed
 
     from rigl_ds.engines.copies import CopyGroups
@@ -65,7 +65,7 @@ def ds_worker(rank, world, stage):
     opt = torch.optim.SGD(model.parameters(), **LR)
     copies = CopyGroups(KAPPA)
     cfg = {"train_micro_batch_size_per_gpu": 16 // world, "gradient_accumulation_steps": 1, "steps_per_print": 10**9,
-           "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True}
+           "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True, "bf16": {"enabled": bf16}}
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg, mpu=CopiesMPU(copies))
     adapter = DeepSpeedEngineAdapter(engine, opt, copies=copies)
 
@@ -81,7 +81,7 @@ def ds_worker(rank, world, stage):
             out[n] = (master if master is not None else p.detach()).clone()
         return out
 
-    return train(engine.module, engine, opt, adapter, rank, world, dtype=torch.float32,
+    return train(engine.module, engine, opt, adapter, rank, world, dtype=torch.bfloat16 if bf16 else torch.float32,
                  backward=engine.backward, step=step, weights=weights)
 
 
@@ -234,12 +234,34 @@ def test_fsdp2_copies_equal_the_reference(world):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage,world", [(0, 2), (2, 2), (3, 2), (2, 4), (3, 4)])
+@pytest.mark.parametrize("stage,world", [(0, 2), (1, 2), (2, 2), (3, 2), (2, 4), (3, 4)])
 def test_deepspeed_copies_equal_the_reference(stage, world):
     """The same run under DeepSpeed ZeRO ``stage``, each copy DeepSpeed's data-parallel group (fp32);
     with 2 ranks a copy, ZeRO partitions within the copy, and merges and averages go between the
     ranks holding the same partitions."""
     check_against_reference(run_ranks(ds_worker, stage, world=world), world, torch.float32)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 1, 3])
+def test_deepspeed_bf16_copies_merge_into_one_model(stage):
+    """bf16 (DeepSpeed's bf16 optimizer at stages 0-1, ZeRO-3's own at 3: fp32 masters apart from the
+    module's bf16 weights): too coarse to compare with the fp32 reference, so what must hold exactly:
+    every rank holds the counts in force (its own partition dense while the copies grow), and after
+    the last merge one model (masks and fp32 masters) bit for bit on every rank."""
+    results = run_ranks(ds_worker, stage, True, world=2)
+    final, numel = results[0][1][-1], {n: m.numel() for n, m in results[0][0][0].items()}
+    parts = partition_layers(numel, KAPPA)
+    owner = {n: i for i, p in enumerate(parts) for n in p}
+    for rank, (masks, counts, weights, last) in enumerate(results):
+        assert len(masks) == ROUNDS + 1 and last["merged"] and last["due_step"] == T * ROUNDS
+        for i, c in enumerate(counts):
+            assert c == {n: numel[n] if i < ROUNDS and owner[n] == rank else final[n] for n in final}, (rank, i)
+            assert all(int(masks[i][n].sum()) == c[n] for n in c), (rank, i)
+    for n in numel:         # the last merge's masks: the same on both ranks
+        assert torch.equal(results[0][0][ROUNDS][n], results[1][0][ROUNDS][n]), n
+    for n, w in results[0][2].items():
+        assert torch.equal(w, results[1][2][n]), n
 
 
 def test_world_not_divisible_by_the_copies_is_refused():
@@ -278,7 +300,7 @@ def test_torchrun_killed_mid_phase_resumes_exactly_across_the_merges(tmp_path, e
     checkpoint, which holds copy 1's model and optimizer state, crosses the last merge (step 30) and
     ends, at step 40, bit-identical to an uninterrupted run (checkpoint and TensorBoard). DDP: one
     file, copy 1's state in it; FSDP2: a DCP folder, copy 1's shards in its ``copy1/``; DeepSpeed:
-    its folder, copy 1's own DeepSpeed checkpoint in ``copy1/``. ``fsdp2-4-ranks``: 2 copies of 2
+    its folder, copy 1's own DeepSpeed checkpoint in ``copy1/`` (the same tag). ``fsdp2-4-ranks``: 2 copies of 2
     ranks (bf16), each copy's shards saved and loaded by its own ranks."""
     from rigl_ds import checkpoint as ckpt
     from tests.compare import _ds_folder, assert_same, assert_same_run
@@ -314,7 +336,7 @@ def test_torchrun_killed_mid_phase_resumes_exactly_across_the_merges(tmp_path, e
         assert sorted(p.name for p in folder.glob("copy*")) == ["copy1"]
         assert (folder / "copy1" / ".metadata").is_file()
     else:
-        main, other = (_ds_folder(f)["mp_rank_00_model_states.pt"] for f in (folder, folder / "copy1"))
+        main, other = (_ds_folder(f)["mp_rank_00_model_states.pt"] for f in (folder, folder / "copy1" / folder.name))
         assert main["rigl_ds"]["sparsifier"]["copies_grow"]
         assert any(not torch.equal(other["module"][k], main["module"][k]) for k in main["module"])
     launch(script, *lead, *args, f"logging.run_dir={d}", "resume=auto", env=env)
@@ -324,7 +346,7 @@ def test_torchrun_killed_mid_phase_resumes_exactly_across_the_merges(tmp_path, e
     elif engine == "fsdp2":
         assert not (d / "checkpoints" / "step_00000040" / "copy1").exists()
     else:           # every copy saves (DeepSpeed's save is a collective of all ranks): merged, the same model
-        end = [_ds_folder(r / "checkpoints" / "step_00000040" / "copy1") for r in (straight, d)]
+        end = [_ds_folder(r / "checkpoints" / "step_00000040" / "copy1" / "step_00000040") for r in (straight, d)]
         assert_same(end[0], end[1])
         mine, theirs = final["mp_rank_00_model_states.pt"]["module"], end[0]["mp_rank_00_model_states.pt"]["module"]
         params = [k for k in mine if "running_" not in k and "num_batches" not in k]   # BatchNorm statistics: each rank's

@@ -173,6 +173,15 @@ def test_deepspeed_json_disagreeing_with_the_yaml(tmp_path):
     with pytest.raises(EngineError) as e:
         deepspeed_config(str(bad), micro_batch=32, grad_accumulation=1, world=2, dtype="fp32", clip_grad_norm=2.0)
     assert f"{bad}: gradient_clipping=1.0 but train.clip_grad_norm=2.0" in str(e.value)
+    # P-GaP: merged copies average the gradients on the accelerator, so optimizer offload is refused
+    offload = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
+    bad.write_text(json.dumps(offload))
+    with pytest.raises(EngineError) as e:
+        deepspeed_config(str(bad), micro_batch=32, grad_accumulation=1, world=1, dtype="fp32", copies=2)
+    assert f"{bad}: zero_optimization.offload_optimizer.device='cpu' is not supported with " \
+           "sparsity.method=gap_parallel" in str(e.value) and "use 'none'" in str(e.value)
+    got = deepspeed_config(str(bad), micro_batch=32, grad_accumulation=1, world=2, dtype="fp32")   # without copies
+    assert got["zero_optimization"]["offload_optimizer"] == {"device": "cpu"}
 
 
 @pytest.mark.parametrize("backend", ["torchvision", "dali-cpu"])
