@@ -131,7 +131,7 @@ class DeepSpeedEngineAdapter(CopiesMixin, WholeMasks):
         self.dense_grad_wanted: Callable[[], bool] = lambda: True
         self._given_copies = copies
         self._average_hook = None
-        self._masters: dict[int, Tensor] | None = None     # _unfused_master
+        self._masters: dict[int, tuple[Tensor, int | None]] | None = None     # _zero0_master
 
     def _param(self, name: str) -> nn.Parameter:
         try:
@@ -177,11 +177,12 @@ class DeepSpeedEngineAdapter(CopiesMixin, WholeMasks):
             if name is not None:
                 current = owners[name]
             src = self.copies.src(current)
-            master, direct = self._held(p)               # ZeRO-0: the torch optimizer holds them itself
-            if master is not None or direct is not None:
-                held = [p.data] + ([master.data] if master is not None else [])
-                broadcast_tensors(held + [v for v in (direct or {}).values() if torch.is_tensor(v)], src=src,
-                                  group=self.copies.peers)
+            held = self._zero0_master(p)                  # ZeRO-0: what the torch optimizer holds itself
+            direct = self.base_optimizer.state.get(p)
+            if held is not None or direct is not None:
+                own = [held[0], *held[1]] if held is not None else \
+                    [v for v in direct.values() if torch.is_tensor(v)]
+                broadcast_tensors([p.data, *own], src=src, group=self.copies.peers)
                 continue
             master = u.safe_get_full_fp32_param(p)
             states = {k: u.safe_get_full_optimizer_state(p, k) for k in keys}
@@ -246,30 +247,45 @@ class DeepSpeedEngineAdapter(CopiesMixin, WholeMasks):
         mask = self._masks[name]
         return self._mul.copy(grad, mask, self._float.get(name, mask, grad))
 
-    def _unfused_master(self, p: nn.Parameter) -> Tensor | None:
-        """ZeRO-0 bf16/fp16 with a torch optimizer: DeepSpeed's ``FP16_UnfusedOptimizer`` keeps an fp32
-        master of each module parameter (its ``fp32_groups``, parallel to ``fp16_groups``), which the
-        torch optimizer steps and which is copied into the module after each step; no ``safe_*``
-        accessor reaches it. None elsewhere."""
+    def _zero0_master(self, p: nn.Parameter) -> tuple[Tensor, list[Tensor]] | None:
+        """ZeRO-0 with bf16/fp16: (fp32 master of ``p``, its per-element optimizer states), views into
+        what DeepSpeed's mixed-precision wrapper holds: ``FP16_UnfusedOptimizer`` (a torch optimizer:
+        ``fp32_groups``, one master per parameter) or ``FP16_Optimizer`` (DeepSpeed's fused optimizers:
+        ``fp32_groups_flat``, one flat master per group, laid out as the module's flat ``fp16_groups``).
+        The torch optimizer steps these and they are copied into the module after each step; no
+        ``safe_*`` accessor reaches them. None elsewhere."""
         if self._masters is None:
             opt = self.ds.optimizer
-            lo, hi = getattr(opt, "fp16_groups", None), getattr(opt, "fp32_groups", None)
-            self._masters = {id(a): b for ga, gb in zip(lo or [], hi or [])
-                             if isinstance(ga, (list, tuple)) and isinstance(gb, (list, tuple)) for a, b in zip(ga, gb)}
-        return self._masters.get(id(p))
+            lo = getattr(opt, "fp16_groups", None) or []
+            per_param, flat = getattr(opt, "fp32_groups", None), getattr(opt, "fp32_groups_flat", None)
+            self._masters = {}
+            for i, group in enumerate(lo):
+                if not isinstance(group, (list, tuple)):
+                    continue
+                offset = 0
+                for j, q in enumerate(group):
+                    if isinstance(per_param, (list, tuple)) and isinstance(per_param[i], (list, tuple)):
+                        self._masters[id(q)] = (per_param[i][j], None)
+                    elif isinstance(flat, (list, tuple)) and torch.is_tensor(flat[i]):
+                        self._masters[id(q)] = (flat[i], offset)
+                    offset += q.numel()
+        got = self._masters.get(id(p))
+        if got is None:
+            return None
+        owner, offset = got
 
-    def _held(self, p: nn.Parameter) -> tuple[Tensor | None, dict | None]:
-        """(fp32 master, optimizer state) of ``p`` where the torch optimizer holds them itself (ZeRO-0:
-        ``p`` fp32, or ``p``'s unfused master); state None before the first step and under ZeRO 1-3
-        or DeepSpeed's bf16 optimizer (the ``safe_*`` accessors' business)."""
-        master = self._unfused_master(p)
-        return master, self.base_optimizer.state.get(master if master is not None else p)
+        def view(t: Tensor) -> Tensor:
+            return t if offset is None else t.narrow(0, offset, p.numel()).view(p.shape)
+
+        states = [view(v) for v in self.base_optimizer.state.get(owner, {}).values()
+                  if torch.is_tensor(v) and v.shape == owner.shape]
+        return view(owner.data), states
 
     def weight(self, name: str) -> Tensor:
         p = self._param(name)
         w = _ds_utils().safe_get_full_fp32_param(p)
-        if w is None:
-            w = self._unfused_master(p)
+        if w is None and (held := self._zero0_master(p)) is not None:
+            w = held[0]
         return w.detach() if w is not None else p.detach()
 
     def dense_grad(self, name: str) -> Tensor | None:
@@ -284,8 +300,8 @@ class DeepSpeedEngineAdapter(CopiesMixin, WholeMasks):
         w = u.safe_get_full_fp32_param(p)
         if w is not None:                       # the fp32 master (ZeRO 1-3, bf16/fp16 optimizers)
             u.safe_set_full_fp32_param(p, w * mask.to(w.device))
-        elif (master := self._unfused_master(p)) is not None:       # ZeRO-0 bf16/fp16
-            master.data.mul_(mask.to(master.device))
+        elif (held := self._zero0_master(p)) is not None:       # ZeRO-0 bf16/fp16
+            held[0].mul_(mask.to(held[0].device))
         if self.stage < 3:                      # the module's working copy
             p.data.mul_(mask.to(p.device))
         else:
@@ -315,14 +331,14 @@ class DeepSpeedEngineAdapter(CopiesMixin, WholeMasks):
         self._link_loaded_optimizer_state()
         u = _ds_utils()
         p = self._param(name)
-        master, direct = self._held(p)               # ZeRO-0: the torch optimizer's own state
-        if direct is not None:
-            for v in direct.values():
-                if torch.is_tensor(v) and v.shape == p.shape:
-                    v.mul_(keep.to(v.device))
+        held = self._zero0_master(p)                 # ZeRO-0 bf16/fp16: the wrapper's fp32 master
+        direct = self.base_optimizer.state.get(p)    # ZeRO-0 fp32: the torch optimizer holds p itself
+        if held is not None or direct is not None:
+            states = held[1] if held is not None else \
+                [v for v in direct.values() if torch.is_tensor(v) and v.shape == p.shape]
+            for v in states:
+                v.mul_(keep.to(v.device))
             return
-        if master is not None:
-            return                                   # no state before the first step
         for key in self._state_keys():
             s = u.safe_get_full_optimizer_state(p, key)
             if s is not None and s.shape == keep.shape:

@@ -152,3 +152,65 @@ def test_deepspeed_zero3_gap_cyclic_two_ranks_agree_and_follow_one_process():
             assert torch.equal(a[n], b[n]), n
             assert int(a[n].sum()) == int(want[n].sum()), n
             assert int((a[n] != want[n]).sum()) <= 0.01 * want[n].numel(), n
+
+
+def zero0_bf16_worker(rank, world, own_optimizer):
+    """RigL at ZeRO-0 bf16: DeepSpeed wraps a torch optimizer in FP16_UnfusedOptimizer (an fp32 master
+    per parameter) and its own (``"optimizer"`` block: FusedAdam) in FP16_Optimizer (flat fp32
+    masters); either copies its masters into the module after every step."""
+    import deepspeed
+
+    from rigl_ds.engines.deepspeed import DeepSpeedEngineAdapter, init_deepspeed_comm
+
+    init_deepspeed_comm("gloo")
+    model = make_nobn(dtype=torch.float32)
+    cfg = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1, "steps_per_print": 10**9,
+           "zero_optimization": {"stage": 0}, "zero_allow_untested_optimizer": True, "bf16": {"enabled": True}}
+    if own_optimizer:
+        cfg["optimizer"] = {"type": "AdamW", "params": {"lr": 0.01, "weight_decay": 0.01}}
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+    wrapper = type(engine.optimizer).__name__
+    adapter = DeepSpeedEngineAdapter(engine)
+    sp = sparsifier("rigl", engine.module, adapter.base_optimizer, adapter)
+    revived, updates = [], 0
+    for t in range(STEPS):
+        x, y = batch(t, dtype=torch.bfloat16)
+        half = x.shape[0] // world
+        engine.backward(F.cross_entropy(engine(x[rank * half:(rank + 1) * half]), y[rank * half:(rank + 1) * half]))
+        adapter.step(apply=sp.step())
+        updates += bool(sp.last_update and sp.last_update["step"] == t)
+        masters = zero0_masters(engine)
+        for name, mask in sp.masks.items():
+            assert int(mask.sum()) == sp.nnz[name]
+            p = adapter._param(name)
+            revived.append(int(torch.count_nonzero(p.detach()[~mask])))
+            revived.append(int(torch.count_nonzero(masters[id(p)][~mask])))
+    return wrapper, updates, sum(revived)
+
+
+def zero0_masters(engine) -> dict[int, torch.Tensor]:
+    """The wrapper's fp32 master of each module parameter (by id), read here with torch's own
+    unflatten of the flat masters (the adapter slices them)."""
+    from torch._utils import _unflatten_dense_tensors
+
+    opt = engine.optimizer
+    if hasattr(opt, "fp32_groups"):
+        return {id(q): m for g, ms in zip(opt.fp16_groups, opt.fp32_groups) for q, m in zip(g, ms)}
+    return {id(q): m for g, flat in zip(opt.fp16_groups, opt.fp32_groups_flat)
+            for q, m in zip(g, _unflatten_dense_tensors(flat, g))}
+
+
+@pytest.mark.parametrize("own_optimizer", [False, True], ids=["torch-sgd", "deepspeed-adamw"])
+def test_zero0_bf16_masked_weights_stay_zero_through_the_fp32_masters(own_optimizer):
+    """The module's bf16 weights are the wrapper's fp32 masters after every step: a master left unmasked
+    revives its weight at the next step (it did, for every masked weight, under SGD; under AdamW the
+    post-step re-mask hid it in the module while the masters went on dense, so a grown weight started
+    from a stale master). Every step, on both ranks, through the mask updates: exactly 0 masked
+    entries nonzero in the module and in the masters."""
+    results = run_ranks(zero0_bf16_worker, own_optimizer, world=2)
+    for wrapper, updates, revived in results:
+        assert wrapper == ("FP16_Optimizer" if own_optimizer else "FP16_UnfusedOptimizer")
+        assert updates >= 3 and revived == 0
