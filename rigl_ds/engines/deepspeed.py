@@ -36,7 +36,7 @@ from rigl_ds.core.layers import MaskedLayer
 from . import EngineError
 from .copies import CopiesMixin, CopyGroups, broadcast_tensors
 from .dist_utils import DistributedRuntime, broadcast_masks, check_masks_equal
-from .local import ZERO_PRESERVING_OPTIMIZERS, FloatMasks, LocalEngine, MaskMultiplier
+from .local import ZERO_PRESERVING_OPTIMIZERS, FloatMasks, GradientHooks, LocalEngine, MaskMultiplier
 
 
 def init_deepspeed_comm(backend: str = "gloo") -> None:
@@ -121,11 +121,10 @@ class DeepSpeedEngineAdapter(CopiesMixin, WholeMasks):
         self._params: dict[str, nn.Parameter] = dict(self.module.named_parameters())
         self._layers: list[MaskedLayer] = []
         self._masks: Mapping[str, Tensor] = {}
-        self._hook_handles: list = []
+        self._grad_hooks = GradientHooks()
         self._post_step: list[Callable[[], None]] = []
         self._mul = MaskMultiplier()
         self._float = FloatMasks(LocalEngine.FUSE_BELOW)   # CPU, small layers: mask in the gradient's dtype
-        self._dense_passed = False
         self._changed_since_backward = False     # masks changed after the hook masked this step's gradients
         self._writes_suspended = False           # keeping_loaded_state()
         self.dense_grad_wanted: Callable[[], bool] = lambda: True
@@ -215,28 +214,17 @@ class DeepSpeedEngineAdapter(CopiesMixin, WholeMasks):
     def bind(self, layers: Sequence[MaskedLayer], masks: Mapping[str, Tensor],
              dense_grad_wanted: Callable[[], bool] = lambda: True) -> None:
         self._layers, self._masks, self.dense_grad_wanted = list(layers), masks, dense_grad_wanted
-        for h in self._hook_handles:
-            h.remove()
         self._float.clear()
-        self._hook_handles = [self._param(l.name).register_hook(self._make_hook(l.name)) for l in layers]
+        self._grad_hooks.attach({l.name: self._param(l.name) for l in layers}, self._masked,
+                                lambda: self.dense_grad_wanted())
 
     def remove_hooks(self) -> None:
         """Take the gradient hooks off the parameters (the adapter masks no gradient after this), and
         P-GaP's optimizer pre-hook."""
-        for h in self._hook_handles:
-            h.remove()
-        self._hook_handles = []
+        self._grad_hooks.remove()
         if self._average_hook is not None:
             self._average_hook.remove()
             self._average_hook = None
-
-    def _make_hook(self, name: str) -> Callable[[Tensor], Tensor]:
-        def hook(grad: Tensor) -> Tensor:
-            if self.dense_grad_wanted():
-                self._dense_passed = True
-                return grad
-            return self._masked(name, grad)
-        return hook
 
     def _masked(self, name: str, grad: Tensor) -> Tensor:
         """A new tensor: ``grad`` zeroed outside the layer's mask (a tensor hook may not modify its
@@ -356,7 +344,7 @@ class DeepSpeedEngineAdapter(CopiesMixin, WholeMasks):
         """Gradients let through dense for a grow score, or masked by the hook under masks that have
         changed since (a method that steps on an update step: GMP), are masked now; others were
         masked by the hook."""
-        if not (self._dense_passed or self._changed_since_backward):
+        if not (self._grad_hooks.dense_passed or self._changed_since_backward):
             return
         u = _ds_utils()
         for layer in self._layers:
@@ -364,7 +352,7 @@ class DeepSpeedEngineAdapter(CopiesMixin, WholeMasks):
             g = u.safe_get_full_grad(p)
             if g is not None:
                 u.safe_set_full_grad(p, g * self._masks[layer.name].to(g.device))
-        self._dense_passed = self._changed_since_backward = False
+        self._grad_hooks.dense_passed = self._changed_since_backward = False
 
     def mask_weights(self) -> None:
         for layer in self._layers:
@@ -405,7 +393,7 @@ class DeepSpeedEngineAdapter(CopiesMixin, WholeMasks):
         """``engine.step()`` at an accumulation boundary; ``apply=False`` skips the optimizer update.
         ``step_fn``: what to call instead of ``engine.step`` (the original method, where the step of
         the engine has been wrapped: the Hugging Face Trainer's DeepSpeed setting)."""
-        self._dense_passed = self._changed_since_backward = False
+        self._grad_hooks.dense_passed = self._changed_since_backward = False
         step_fn = self.ds.step if step_fn is None else step_fn
         if apply:
             step_fn()

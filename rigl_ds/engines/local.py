@@ -111,6 +111,39 @@ class MaskMultiplier:
         return out
 
 
+class GradientHooks:
+    """Tensor hooks (``param.register_hook``) that mask each masked weight's gradient as backward
+    produces it, before a wrapper reduces or accumulates it (DDP under the Hugging Face Trainer,
+    DeepSpeed), or let it through dense while ``dense_wanted()`` says a grow score reads it;
+    :attr:`dense_passed` says whether one did since it was last cleared."""
+
+    def __init__(self) -> None:
+        self._handles: list = []
+        self.dense_passed = False
+
+    def attach(self, params: Mapping[str, nn.Parameter], masked: Callable[[str, Tensor], Tensor],
+               dense_wanted: Callable[[], bool]) -> None:
+        """Hook every parameter of ``params`` (name -> parameter), replacing earlier hooks;
+        ``masked(name, grad)`` returns a new, masked tensor (a hook may not modify its argument)."""
+        self.remove()
+
+        def make(name: str) -> Callable[[Tensor], Tensor]:
+            def hook(grad: Tensor) -> Tensor:
+                if dense_wanted():
+                    self.dense_passed = True
+                    return grad
+                return masked(name, grad)
+            return hook
+
+        self._handles = [p.register_hook(make(n)) for n, p in params.items()]
+
+    def remove(self) -> None:
+        """Take the hooks off (no gradient is masked by them after this)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
 class FloatMasks:
     """Copies of small CPU masks in a gradient's dtype, so that masking such a layer is one float
     multiply (one ``_foreach_mul_`` over all of them in the local engine). A copy is remade when its

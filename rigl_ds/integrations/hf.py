@@ -47,7 +47,7 @@ from transformers import TrainerCallback
 
 from rigl_ds import checkpoint as ckpt
 from rigl_ds.core import SparsityConfig, build_sparsifier
-from rigl_ds.engines.local import LocalEngine, unwrap_optimizer
+from rigl_ds.engines.local import GradientHooks, LocalEngine, unwrap_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -67,29 +67,23 @@ class _ProcessGroupEngine(LocalEngine):
 
     def __init__(self, model, optimizer) -> None:
         super().__init__(model, optimizer)
-        self._grad_hooks: list = []
-        self._dense_passed = False      # a hook let a dense gradient through since the last mask_grads
+        self._grad_hooks = GradientHooks()
+        self._hook_masks: dict[str, torch.Tensor] = {}
         self._mask_moved = True         # a mask changed since the last mask_grads (init, load, update)
 
     def bind(self, layers, masks, dense_grad_wanted=lambda: True) -> None:
         super().bind(layers, masks, dense_grad_wanted)
-        for h in self._grad_hooks:
-            h.remove()
-        self._grad_hooks = [self._param(l.name).register_hook(self._hook(l.name, masks[l.name])) for l in layers]
+        self._hook_masks = {l.name: masks[l.name] for l in layers}     # the sparsifier's own tensors
+        self._grad_hooks.attach({l.name: self._param(l.name) for l in layers}, self._masked,
+                                lambda: self.dense_grad_wanted())
 
     def remove_hooks(self) -> None:
         """Take the gradient hooks off the parameters (the engine masks no gradient after this)."""
-        for h in self._grad_hooks:
-            h.remove()
-        self._grad_hooks = []
+        self._grad_hooks.remove()
 
-    def _hook(self, name: str, mask: torch.Tensor):
-        def hook(grad: torch.Tensor) -> torch.Tensor:
-            if self.dense_grad_wanted():
-                self._dense_passed = True
-                return grad
-            return self._mul.copy(grad, mask, self._float.get(name, mask, grad))
-        return hook
+    def _masked(self, name: str, grad: torch.Tensor) -> torch.Tensor:
+        mask = self._hook_masks[name]
+        return self._mul.copy(grad, mask, self._float.get(name, mask, grad))
 
     def _mask_changed(self, name: str, mask: torch.Tensor) -> None:
         super()._mask_changed(name, mask)
@@ -98,9 +92,9 @@ class _ProcessGroupEngine(LocalEngine):
     def mask_grads(self) -> None:
         """The hooks masked this step's gradients already, unless one let a dense gradient through
         or a mask changed since (a method that updates masks on a step it applies: GMP)."""
-        if self._dense_passed or self._mask_moved:
+        if self._grad_hooks.dense_passed or self._mask_moved:
             super().mask_grads()
-        self._dense_passed = self._mask_moved = False
+        self._grad_hooks.dense_passed = self._mask_moved = False
 
     def _dist(self):
         import torch.distributed as dist
