@@ -126,6 +126,11 @@ class RigLCallback(TrainerCallback):
         import dataclasses
 
         self.config = dataclasses.replace(base, **knobs)
+        if self.config.method == "gap_parallel":
+            raise ValueError("RigLCallback: method='gap_parallel' is not supported under the Trainer (P-GaP splits "
+                             "the world into copies of the model, each its own data-parallel group, which the "
+                             "Trainer's DDP and DeepSpeed settings do not do); use rigl-ds train (engine.name ddp, "
+                             "fsdp2 or deepspeed), or method='gap_cyclic'")
         #: the checkpoint folder the Trainer resumes from, where it is not ``output_dir/checkpoint-<step>``
         self.resume_from = resume_from
         self.sparsifier = None

@@ -159,7 +159,7 @@ def test_trainer_resumed_from_a_checkpoint_equals_the_straight_run(tmp_path, met
     assert resumed.sparsifier.step_count == 12
 
 
-def test_trainer_callback_refuses_fp16_fsdp_deepspeed_unattached_and_a_resume_without_its_file(tmp_path):
+def test_trainer_callback_refuses_fp16_fsdp_deepspeed_unattached_gap_parallel_and_a_resume_without_its_file(tmp_path):
     from rigl_ds.checkpoint import CheckpointError
     from rigl_ds.integrations.hf import STATE_FILE, RigLCallback
 
@@ -189,6 +189,9 @@ def test_trainer_callback_refuses_fp16_fsdp_deepspeed_unattached_and_a_resume_wi
     tr.model_wrapped = wrapped
     with pytest.raises(ValueError, match="step is wrapped already"):
         cb.on_train_begin(tr.args, tr.state, tr.control, model=tr.model, optimizer=None)
+    with pytest.raises(ValueError, match=r"method='gap_parallel' is not supported under the Trainer .* "
+                                         r"use rigl-ds train \(engine.name ddp, fsdp2 or deepspeed\)"):
+        RigLCallback(method="gap_parallel", gap_partitions=2)
 
 
 def test_trainer_clips_by_the_norm_of_the_masked_gradient(tmp_path):
