@@ -244,7 +244,7 @@ class DeepSpeedEngineAdapter(CopiesMixin, WholeMasks):
         ``safe_*`` accessor reaches them. None elsewhere."""
         if self._masters is None:
             opt = self.ds.optimizer
-            lo = getattr(opt, "fp16_groups", None) or []
+            lo = (getattr(opt, "fp16_groups", None) or []) if self.stage == 0 else []   # ZeRO-3 has fp16_groups too
             per_param, flat = getattr(opt, "fp32_groups", None), getattr(opt, "fp32_groups_flat", None)
             self._masters = {}
             for i, group in enumerate(lo):
