@@ -221,5 +221,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def exit_launched_rank(code: int) -> None:
+    """End a rank started by a launcher (torchrun, deepspeed: ``python -m rigl_ds.cli``, WORLD_SIZE > 1)
+    with ``code`` and no interpreter teardown: with gloo, a rank whose run had finished, written
+    everything and destroyed its process group occasionally aborted in a C++ destructor at exit
+    ("terminate called without an active exception", SIGABRT), failing the launcher. Output and log
+    handlers are flushed first; files (checkpoints, result.json, TensorBoard) were closed by the run."""
+    import os
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    import os
+
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        exit_launched_rank(code)
+    sys.exit(code)
